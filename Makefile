@@ -1,0 +1,52 @@
+# RadFed: `make demo` runs the main job, `make test` runs every check. Both install first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.radfed-installed
+
+.PHONY: install system-deps demo test lint typecheck unit audit bench profile clean
+
+# torch goes in first (the CPU wheel on local disk); an unpinned torch would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# dicom3tools (dciodvfy) validates de-identified objects against the IODs.
+system-deps:
+	@command -v dciodvfy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq dicom3tools >/dev/null; }
+
+demo: install
+	$(BIN)/radfed demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install system-deps
+	$(BIN)/pytest
+
+audit: install
+	$(BIN)/python tools/audit.py
+
+test: install system-deps lint typecheck audit unit
+
+bench: install
+	$(BIN)/python bench/deid.py
+
+profile: install
+	$(BIN)/python tools/gen_deid_profile.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

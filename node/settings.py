@@ -1,0 +1,92 @@
+"""The node's settings: environment (``RADFED_NODE_…``), then ``<home>/config.toml``, then defaults.
+
+Everything has a default that works on one machine with no configuration; the
+node home (``~/.radfed/node`` or ``RADFED_NODE_HOME``) is created on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from protocols.deid.options import DeidOptions
+
+
+def default_home() -> Path:
+    """``RADFED_NODE_HOME`` or ``~/.radfed/node``."""
+    env = os.environ.get("RADFED_NODE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".radfed" / "node"
+
+
+class NodeSettings(BaseSettings):
+    """One node's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADFED_NODE_", env_nested_delimiter="__", extra="forbid"
+    )
+    _config_home: ClassVar[Path | None] = None
+
+    home: Path = Field(default_factory=default_home)
+    environment: Literal["development", "production"] = "development"
+    #: Prefix of every pseudonym this site issues (``SITE-7K2M…``).
+    site_id: str = "SITE"
+    #: The profile options this site applies (DESIGN.md defaults).
+    deid: DeidOptions = Field(default_factory=DeidOptions)
+    #: JSON allowlist extending the safe private attributes (Retain Safe Private).
+    safe_private_allowlist: Path | None = None
+    #: Every date of a patient moves back by a keyed number of days in this range.
+    date_shift_min_days: int = Field(default=365, ge=1)
+    date_shift_max_days: int = Field(default=3652, ge=1)
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id(cls, value: str) -> str:
+        value = value.strip().upper()
+        if not value or len(value) > 16 or not all(c.isalnum() or c == "-" for c in value):
+            raise ValueError('site_id must be 1-16 characters of A-Z, 0-9 and "-"')
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        home = cls._config_home or default_home()
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=home / "config.toml")
+        return (init_settings, env_settings, toml)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def vault_path(self) -> Path:
+        return self.home / "vault" / "originals.vault"
+
+
+def load_settings(home: Path | None = None, **overrides: Any) -> NodeSettings:
+    """Settings for a node home (the CLI's ``--home``), reading its config file."""
+    NodeSettings._config_home = home
+    try:
+        if home is not None:
+            overrides["home"] = home
+        return NodeSettings(**overrides)
+    finally:
+        NodeSettings._config_home = None
