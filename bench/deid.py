@@ -4,7 +4,8 @@ What it measures
     Files/s and MB/s (input bytes, 10^6) and peak resident memory of each tool de-identifying
     the same synthetic corpus: 512x512 16-bit CT slices and 2048x2048 CR radiographs made by
     ``radfed.synth.site`` (about ten patients, fifty slices each). Every corpus file is read
-    once before each tool's runs, so every tool starts from a warm page cache.
+    once before each tool's runs, so every tool starts from a warm page cache, and dirty pages
+    are flushed (``os.sync``) before every run, so no run pays for an earlier one's writes.
 
 Tools
     radfed1, radfedN   ``radfed node deid SRC DST --jobs 1|0 --quiet`` (one core, all cores)
@@ -27,8 +28,9 @@ How
     timed by the wall time of its whole process (start-up and imports included); a driver (a
     small script generated into the work folder, run with the tool's own interpreter) reports
     the time of its processing loop, imports excluded. The table says which. Peak RSS is
-    ``ru_maxrss`` from ``os.wait4`` on the child: for RadFed's worker pool that is the largest
-    single process of the tree, not their sum. The median of ``--repeat`` runs is reported.
+    ``ru_maxrss`` of the run's whole process tree, collected by a small launcher process that
+    reaps every descendant: for RadFed's worker pool that is the largest single process of the
+    tree, not their sum. The median of ``--repeat`` runs is reported (peak RSS: the maximum).
     After every run the outputs are counted and parsed with pydicom; a tool that exits non-zero
     or does not write one complete DICOM file per input is reported as failed, not timed.
 
@@ -91,23 +93,33 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
 FILES = "files = sorted(p for p in src.iterdir() if p.is_file())"
 
-# Starts a run and reports its exit status, wall time and peak RSS. It is a small process of its
-# own because a child's ru_maxrss starts at the RSS of the process that forked it (this one holds
-# numpy and the generators).
+# Starts a run and reports its exit status, wall time and the peak RSS of its process tree. It is
+# a small process of its own because a child's ru_maxrss starts at the RSS of the process that
+# forked it (this one holds numpy and the generators). As a child subreaper it also reaps the
+# descendants a run leaves behind, such as multiprocessing's fork server and, through it, the
+# workers, so that RUSAGE_CHILDREN covers the whole tree. The wall time ends with the run's process.
 LAUNCHER = """\
-import json, os, sys, time
+import ctypes, json, os, resource, sys, time
 report, argv = sys.argv[1], sys.argv[2:]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
         os.execv(argv[0], argv)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
+    except OSError as exc:
+        print(f"cannot start {argv[0]}: {exc}", file=sys.stderr, flush=True)
+    os._exit(127)
+_, status, _ = os.wait4(pid, 0)
 wall = time.perf_counter() - start
+try:
+    while True:
+        os.wait()
+except ChildProcessError:
+    pass
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 with open(report, "w") as out:
-    json.dump([os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss], out)
+    json.dump([os.waitstatus_to_exitcode(status), wall, peak], out)
 """
 
 
@@ -296,6 +308,7 @@ def ensure_corpus(workdir: Path, ct: int, cr: int) -> Corpus:
     saved = json.loads(marker.read_text()) if marker.exists() else {}
     if saved.get("params") != params or not root.is_dir():
         print(f"generating corpus: {ct} CT {CT_SIZE}x{CT_SIZE}, {cr} CR {CR_SIZE}x{CR_SIZE} ...")
+        started = time.perf_counter()
         marker.unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
         tmp = workdir / "corpus.tmp"
@@ -304,6 +317,7 @@ def ensure_corpus(workdir: Path, ct: int, cr: int) -> Corpus:
         tmp.rename(root)
         saved = {"params": params, "patients": patients}
         marker.write_text(json.dumps(saved, indent=1))
+        print(f"generated in {time.perf_counter() - started:.0f} s")
     files = [path for path in root.iterdir() if path.is_file()]
     size = sum(path.stat().st_size for path in files)
     patients = saved["patients"]
@@ -379,7 +393,7 @@ def prepare(tool: Tool) -> Result:
 
 
 def command(tool: Tool, workdir: Path, src: Path, dst: Path, scratch: Path) -> list[str]:
-    """The argv of one run: the tool's CLI, or its driver script (written on first use)."""
+    """The argv of one run: the tool's CLI, or its driver script (written into the work dir)."""
     bindir = bin_dir(tool)
     if tool.cli:
         return tool.cli(bindir, src, dst, scratch)
@@ -426,19 +440,28 @@ def check_outputs(dst: Path, corpus: Corpus) -> tuple[int, int]:
     return complete, kept
 
 
+def driver_seconds(stdout: Path) -> float:
+    """The loop time a driver printed last."""
+    try:
+        return float(json.loads(last_line(stdout))["seconds"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ToolError(f"driver printed no timing: {last_line(stdout)}") from exc
+
+
 def run_once(tool: Tool, corpus: Corpus, workdir: Path, scratch: Path) -> tuple[Run, int]:
     """One fresh run of ``tool`` into an empty folder, checked: (the run, outputs keeping PHI)."""
     shutil.rmtree(scratch, ignore_errors=True)
     dst = scratch / "out"
     dst.mkdir(parents=True)
+    os.sync()  # no write-back of earlier runs' outputs during this one
     argv = command(tool, workdir, corpus.root, dst, scratch)
     status, wall, maxrss = execute(argv, scratch)
     complete, kept = check_outputs(dst, corpus)
     if status != 0:
         raise ToolError(f"exit {status}: {last_line(scratch / 'stderr.log')}", complete)
     if complete != corpus.files:
-        raise ToolError(f"exit 0 but {corpus.files - complete} inputs have no output", complete)
-    seconds = wall if tool.cli else json.loads(last_line(scratch / "stdout.log"))["seconds"]
+        raise ToolError(f"exit 0, {complete} complete outputs for {corpus.files} inputs", complete)
+    seconds = wall if tool.cli else driver_seconds(scratch / "stdout.log")
     shutil.rmtree(scratch)
     return Run(seconds, wall, maxrss), kept
 
@@ -480,8 +503,8 @@ HEADERS = [
 
 
 def fastest_peer(results: list[Result]) -> Result | None:
-    timed = [r for r in results if r.tool.role == "peer" and not r.failure]
-    return min(timed, key=lambda r: r.seconds) if timed else None
+    peers = [r for r in results if r.tool.role == "peer" and not r.failure]
+    return min(peers, key=lambda r: r.seconds) if peers else None
 
 
 def timed(results: list[Result], name: str) -> Result | None:
@@ -512,7 +535,7 @@ def row(result: Result, corpus: Corpus, peer: Result | None, base: Result | None
         f"{result.wall:.2f}",
         ratio(result, peer),
         ratio(result, base),
-        "peak RSS: largest process of its pool" if tool.name == "radfedN" else "",
+        "peak RSS: largest process of the pool" if tool.name == "radfedN" else "",
     ]
 
 
@@ -545,16 +568,23 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def report(results: list[Result], corpus: Corpus, repeat: int, argv: list[str]) -> str:
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    return models[0] if models else platform.machine()
+
+
+def report(results: list[Result], corpus: Corpus, repeat: int, argv: list[str], load: float) -> str:
     peer = fastest_peer(results)
     base = timed(results, "pydicom")
     table = markdown_table(HEADERS, [row(r, corpus, peer, base) for r in results])
-    cpu = platform.processor() or platform.machine()
     return "\n".join(
         [
             f"Corpus: {corpus.description}.",
-            f"Machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; "
-            f"median of {repeat} run(s), warm page cache; "
+            f"Machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}; "
+            f"median of {repeat} run(s), warm page cache; 1-min load average {load:.1f} at the "
+            f"start, {os.getloadavg()[0]:.1f} at the end (any other work skews the numbers); "
             f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
             f"Command: `{' '.join(['python', 'bench/deid.py', *argv])}`",
             "",
@@ -590,7 +620,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = ensure_corpus(workdir, args.ct, args.cr)
@@ -603,7 +633,7 @@ def main(argv: list[str]) -> None:
             results.append(result)
         else:
             results.append(benchmark(result, corpus, workdir, args.repeat))
-    text = report(results, corpus, args.repeat, argv)
+    text = report(results, corpus, args.repeat, argv, load)
     print()
     print(text)
     output = workdir / "deid-results.md"

@@ -420,7 +420,8 @@ class Deidentifier:
                 raise DicomFormatError("malformed", f"invalid UID {uid[:64]!r}")
         meta = _meta(sop_class, sop_uid, part.transfer_syntax.encode("ascii"))
         if part.deflated:
-            compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+            # Level 6 (zlib default): dicom3tools misreads some level-9 streams.
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
             body = [compressor.compress(b"".join(body)) + compressor.flush()]
         chunks: list[bytes | memoryview] = [meta, *body]
         pseudonym = ctx.pseudonym.decode("ascii")

@@ -43,6 +43,7 @@ _SERIES_AND_STUDY_STRUCTURE = (
 _EQUIPMENT = (
     "Manufacturer",
     "ManufacturerModelName",
+    "SoftwareVersions",
     "SpatialResolution",
     "PixelPaddingValue",
     "PixelPaddingRangeLimit",
@@ -487,6 +488,83 @@ _SEGMENTATION = (
     "RecommendedDisplayGrayscaleValue",
     "ContentLabel",
     "ImageSetNumber",
+    "SegmentLabel",
+    "SegmentAlgorithmName",
+)
+
+_NUCLEAR_MULTIFRAME = (
+    "EnergyWindowVector",
+    "NumberOfEnergyWindows",
+    "DetectorVector",
+    "NumberOfDetectors",
+    "PhaseVector",
+    "NumberOfPhases",
+    "RotationVector",
+    "NumberOfRotations",
+    "RRIntervalVector",
+    "NumberOfRRIntervals",
+    "TimeSlotVector",
+    "NumberOfTimeSlots",
+    "SliceVector",
+    "AngularViewVector",
+    "TimeSliceVector",
+    "DetectorInformationSequence",
+    "RotationInformationSequence",
+    "EnergyWindowInformationSequence",
+)
+
+_RADIOTHERAPY_STRUCTURE = (
+    "RTPlanGeometry",
+    "ReferencedStructureSetSequence",
+    "ReferencedRTPlanSequence",
+    "ReferencedDoseSequence",
+    "StructureSetROISequence",
+    "ROINumber",
+    "ROIGenerationAlgorithm",
+    "ROIContourSequence",
+    "ReferencedROINumber",
+    "ROIDisplayColor",
+    "ContourSequence",
+    "ContourGeometricType",
+    "NumberOfContourPoints",
+    "ContourData",
+    "ContourImageSequence",
+    "RTROIObservationsSequence",
+    "ObservationNumber",
+    "RTROIInterpretedType",
+    "ReferencedFrameOfReferenceSequence",
+    "RTReferencedStudySequence",
+    "RTReferencedSeriesSequence",
+)
+
+_WAVEFORM = (
+    "WaveformSequence",
+    "MultiplexGroupTimeOffset",
+    "TriggerTimeOffset",
+    "WaveformOriginality",
+    "NumberOfWaveformChannels",
+    "NumberOfWaveformSamples",
+    "SamplingFrequency",
+    "ChannelDefinitionSequence",
+    "WaveformChannelNumber",
+    "ChannelStatus",
+    "ChannelSourceSequence",
+    "ChannelSourceModifiersSequence",
+    "ChannelSensitivity",
+    "ChannelSensitivityUnitsSequence",
+    "ChannelSensitivityCorrectionFactor",
+    "ChannelBaseline",
+    "ChannelTimeSkew",
+    "ChannelSampleSkew",
+    "ChannelOffset",
+    "WaveformBitsStored",
+    "FilterLowFrequency",
+    "FilterHighFrequency",
+    "NotchFilterFrequency",
+    "WaveformBitsAllocated",
+    "WaveformSampleInterpretation",
+    "WaveformPaddingValue",
+    "WaveformData",
 )
 
 _CODED_CONCEPTS = (
@@ -503,6 +581,7 @@ _CODED_CONCEPTS = (
     "ConceptNameCodeSequence",
     "ConceptCodeSequence",
     "ModifierCodeSequence",
+    "PerformedProcedureCodeSequence",
 )
 
 _STRUCTURED_REPORT = (
@@ -573,14 +652,18 @@ KEEP_KEYWORDS: Final[frozenset[str]] = frozenset(
     + _NUCLEAR_AND_PET
     + _MULTIFRAME_FUNCTIONAL_GROUPS
     + _SEGMENTATION
+    + _NUCLEAR_MULTIFRAME
+    + _RADIOTHERAPY_STRUCTURE
+    + _WAVEFORM
     + _CODED_CONCEPTS
     + _STRUCTURED_REPORT
 )
 
-#: Free text outside Table E.1-1 that content items require (Type 1C in the SR
-#: Document Content Macro): the element stays with a dummy value, so the object
-#: stays valid and no text survives.
-DUMMY_KEYWORDS: Final[frozenset[str]] = frozenset({"TextValue"})
+#: Free text outside Table E.1-1 that an IOD requires: the element stays, with a
+#: dummy value (D, Type 1) or empty (Z, Type 2), so the object stays valid and no
+#: text survives. TextValue is Type 1C in the SR Document Content Macro;
+#: ContentDescription Type 2 in the Content Identification Macro (SEG, PR).
+REPLACED_KEYWORDS: Final[dict[str, str]] = {"TextValue": "D", "ContentDescription": "Z"}
 
 #: The short-string (SH, LO) keywords kept, each with why it cannot carry identity.
 REVIEWED_STRINGS: Final[dict[str, str]] = {
@@ -602,5 +685,8 @@ REVIEWED_STRINGS: Final[dict[str, str]] = {
     "CodingSchemeVersion": "coding scheme version",
     "CodeMeaning": "the standard meaning of a code",
     "AttenuationCorrectionMethod": "method name",
+    "SoftwareVersions": "scanner software release (not per device)",
+    "SegmentLabel": "label of a segmented structure (the coded property carries the meaning)",
+    "SegmentAlgorithmName": "name of the segmentation algorithm",
     "ScatterCorrectionMethod": "method name",
 }

@@ -26,7 +26,7 @@ from typing import Final
 import pydicom.datadict as dd
 
 from protocols.deid import _table_e1_1 as table
-from protocols.deid.keep_list import DUMMY_KEYWORDS, KEEP_KEYWORDS, OVERLAY_ELEMENTS
+from protocols.deid.keep_list import KEEP_KEYWORDS, OVERLAY_ELEMENTS, REPLACED_KEYWORDS
 from protocols.deid.options import TABLE_COLUMNS, DeidOptions
 from protocols.deid.safe_private import DEFAULT_SAFE_PRIVATE, SafePrivateKey
 
@@ -170,11 +170,11 @@ def compile_profile(
         if kept in codes:
             raise ValueError(f'Keep-list keyword "{keyword}" is also in Table E.1-1.')
         codes[kept] = "KU" if dictionary_vr(kept) == "UI" else "K"
-    for keyword in DUMMY_KEYWORDS:
-        dummy_tag = dd.tag_for_keyword(keyword)
-        if dummy_tag is None or dummy_tag in codes:
-            raise ValueError(f'Dummy keyword "{keyword}" is unknown or already has an action.')
-        codes[dummy_tag] = "D"
+    for keyword, action in REPLACED_KEYWORDS.items():
+        replaced = dd.tag_for_keyword(keyword)
+        if replaced is None or replaced in codes:
+            raise ValueError(f'Replaced keyword "{keyword}" is unknown or already has an action.')
+        codes[replaced] = action
     if options.retain_uids:
         for tag, code in codes.items():
             if code == "KU":

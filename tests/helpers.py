@@ -1,0 +1,111 @@
+"""Test helpers: run the CLI as users do, and scan outputs for anything identifying.
+
+The scan is deliberately independent of the engine: it reads outputs with
+pydicom (every element at every depth, private elements, file meta) and also
+searches the raw bytes of each file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ahocorasick
+import pydicom
+from pydicom.dataset import Dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+RADFED = [sys.executable, "-m", "radfed.cli"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = False, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``radfed ARGS`` in a subprocess, as an operator would."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run(
+        [*RADFED, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"radfed {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def report_lines(home: Path) -> list[dict[str, Any]]:
+    """The per-file report of the newest run in a node home."""
+    reports = sorted((home / "runs").glob("deid-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    assert reports, f"no run report in {home / 'runs'}"
+    return [json.loads(line) for line in reports[-1].read_text().splitlines()]
+
+
+@dataclass
+class Value:
+    """One element value found in an output, with where it was."""
+
+    path: str
+    tag: int
+    vr: str
+    raw: bytes
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return b"\\".join(_as_bytes(v) for v in value)
+    return str(value).encode("utf-8", "replace")
+
+
+def walk_values(ds: Dataset, prefix: str = "") -> Iterator[Value]:
+    """Every element value at every depth (file meta included, sequences recursed)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and not prefix:
+        for elem in meta:
+            yield Value(f"meta/{elem.tag}", int(elem.tag), elem.VR, _as_bytes(elem.value))
+    for elem in ds:
+        where = f"{prefix}/{elem.tag}"
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value):
+                yield from walk_values(item, f"{where}[{i}]")
+        else:
+            yield Value(where, int(elem.tag), elem.VR, _as_bytes(elem.value))
+
+
+def find_needles(files: Iterable[Path], needles: dict[bytes, str]) -> list[str]:
+    """Needles found in element values or raw bytes, as readable findings.
+
+    One Aho-Corasick pass per file over its raw bytes and over its decoded
+    values (which matter where raw bytes hide them: a deflated data set).
+    """
+    automaton = ahocorasick.Automaton()
+    for needle in needles:
+        automaton.add_word(needle.decode("latin-1"), needle)
+    automaton.make_automaton()
+
+    def hits(data: bytes) -> set[bytes]:
+        return {needle for _, needle in automaton.iter(data.decode("latin-1"))}
+
+    findings = []
+    for path in files:
+        raw_hits = hits(path.read_bytes())
+        values = b"\x00".join(v.raw for v in walk_values(pydicom.dcmread(path)))
+        for needle in sorted(raw_hits):
+            findings.append(
+                f"{path.name}: raw bytes contain {needle!r} (planted {needles[needle]})"
+            )
+        for needle in sorted(hits(values) - raw_hits):
+            findings.append(f"{path.name}: an element holds {needle!r} (planted {needles[needle]})")
+    return findings
