@@ -4,8 +4,8 @@ What it measures
     Files/s and MB/s (input bytes, 10^6) and peak resident memory of each tool de-identifying
     the same synthetic corpus: 512x512 16-bit CT slices and 2048x2048 CR radiographs made by
     ``radfed.synth.site`` (about ten patients, fifty slices each). Every corpus file is read
-    once before each tool's runs, so every tool starts from a warm page cache, and dirty pages
-    are flushed (``os.sync``) before every run, so no run pays for an earlier one's writes.
+    before every run, so each starts from a warm page cache, and dirty pages are flushed
+    (``os.sync``) before it, so no run pays for an earlier one's writes.
 
 Tools
     radfed1, radfedN   ``radfed node deid SRC DST --jobs 1|0 --quiet`` (one core, all cores)
@@ -30,7 +30,8 @@ How
     the time of its processing loop, imports excluded. The table says which. Peak RSS is
     ``ru_maxrss`` of the run's whole process tree, collected by a small launcher process that
     reaps every descendant: for RadFed's worker pool that is the largest single process of the
-    tree, not their sum. The median of ``--repeat`` runs is reported (peak RSS: the maximum).
+    tree, not their sum. The tools run in ``--repeat`` rounds (every tool once per round), and
+    the median of a tool's runs is reported (peak RSS: the maximum).
     After every run the outputs are counted and parsed with pydicom; a tool that exits non-zero
     or does not write one complete DICOM file per input is reported as failed, not timed.
 
@@ -336,7 +337,7 @@ def ensure_corpus(workdir: Path, ct: int, cr: int) -> Corpus:
 
 
 def warm_cache(root: Path) -> None:
-    """Read every corpus file once, so each tool starts with the corpus in the page cache."""
+    """Read every corpus file once, so each run starts with the corpus in the page cache."""
     for path in root.iterdir():
         with path.open("rb") as stream:
             while stream.read(MIB):
@@ -466,21 +467,34 @@ def run_once(tool: Tool, corpus: Corpus, workdir: Path, scratch: Path) -> tuple[
     return Run(seconds, wall, maxrss), kept
 
 
-def benchmark(prepared: Result, corpus: Corpus, workdir: Path, repeat: int) -> Result:
-    tool = prepared.tool
-    runs: list[Run] = []
-    kept = 0
-    warm_cache(corpus.root)
+def benchmark(prepared: list[Result], corpus: Corpus, workdir: Path, repeat: int) -> list[Result]:
+    """Run every tool ``repeat`` times, in rounds, so a passing disturbance hits all tools alike."""
+    failed = {r.tool.name: r for r in prepared if r.failure}
+    runs: dict[str, list[Run]] = {r.tool.name: [] for r in prepared}
+    kept: dict[str, int] = {}
     for index in range(repeat):
-        print(f"  {tool.name}: run {index + 1}/{repeat} ...", end="", flush=True)
-        try:
-            run, kept = run_once(tool, corpus, workdir, workdir / "runs" / tool.name)
-        except ToolError as exc:
-            print(f" failed: {exc}")
-            return Result(tool, prepared.version, failure=str(exc), complete=exc.complete)
-        runs.append(run)
-        print(f" {run.seconds:.2f} s ({tool.measured}), {run.maxrss_mib:.0f} MiB")
-    return Result(tool, prepared.version, tuple(runs), kept)
+        print(f"round {index + 1}/{repeat}")
+        for result in prepared:
+            tool = result.tool
+            if tool.name in failed:
+                continue
+            print(f"  {tool.name} ...", end="", flush=True)
+            warm_cache(corpus.root)
+            try:
+                run, kept[tool.name] = run_once(tool, corpus, workdir, workdir / "runs" / tool.name)
+            except ToolError as exc:
+                print(f" failed: {exc}")
+                failed[tool.name] = Result(
+                    tool, result.version, failure=str(exc), complete=exc.complete
+                )
+                continue
+            runs[tool.name].append(run)
+            print(f" {run.seconds:.2f} s ({tool.measured}), {run.maxrss_mib:.0f} MiB")
+    return [
+        failed.get(r.tool.name)
+        or Result(r.tool, r.version, tuple(runs[r.tool.name]), kept[r.tool.name])
+        for r in prepared
+    ]
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -626,13 +640,10 @@ def main(argv: list[str]) -> None:
     corpus = ensure_corpus(workdir, args.ct, args.cr)
     print(f"corpus: {corpus.root}: {corpus.description}")
     prepared = [prepare(TOOLS[name]) for name in args.tools.split(",")]
-    results = []
     for result in prepared:
         if result.failure:
-            print(f"  {result.tool.name}: {result.failure}")
-            results.append(result)
-        else:
-            results.append(benchmark(result, corpus, workdir, args.repeat))
+            print(f"{result.tool.name}: {result.failure}")
+    results = benchmark(prepared, corpus, workdir, args.repeat)
     text = report(results, corpus, args.repeat, argv, load)
     print()
     print(text)

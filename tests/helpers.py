@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -90,6 +91,8 @@ def find_needles(files: Iterable[Path], needles: dict[bytes, str]) -> list[str]:
     One Aho-Corasick pass per file over its raw bytes and over its decoded
     values (which matter where raw bytes hide them: a deflated data set).
     """
+    if not needles:
+        return []
     automaton = ahocorasick.Automaton()
     for needle in needles:
         automaton.add_word(needle.decode("latin-1"), needle)
@@ -109,3 +112,19 @@ def find_needles(files: Iterable[Path], needles: dict[bytes, str]) -> list[str]:
         for needle in sorted(hits(values) - raw_hits):
             findings.append(f"{path.name}: an element holds {needle!r} (planted {needles[needle]})")
     return findings
+
+
+def iod_errors(path: Path) -> set[str]:
+    """dciodvfy's errors for a file, with values normalised so shapes can be compared."""
+    proc = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", check=False
+    )
+    errors = set()
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "Error" not in line:
+            continue
+        # Values differ by design (UIDs mapped, dates shifted, text removed): compare shapes.
+        line = re.sub(r"(value|=) <[^>]*>", r"\1 <>", line)
+        line = re.sub(r"0x[0-9a-fA-F]+", "0x", line)
+        errors.add(re.sub(r"[0-9][0-9.]*", "N", line).strip())
+    return errors

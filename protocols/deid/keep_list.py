@@ -517,6 +517,7 @@ _RADIOTHERAPY_STRUCTURE = (
     "RTPlanGeometry",
     "ReferencedStructureSetSequence",
     "ReferencedRTPlanSequence",
+    "RTPlanRelationship",
     "ReferencedDoseSequence",
     "StructureSetROISequence",
     "ROINumber",

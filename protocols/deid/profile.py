@@ -8,7 +8,8 @@ Actions after options (``CompiledProfile.code``)
     ``X`` remove, ``Z`` empty, ``D`` dummy, ``K`` keep, ``U`` map UID, ``SHIFT``
     shift a date (times kept), ``C`` clean free text (value removed), the combined
     codes ``X/Z``, ``X/D``, ``X/Z/D``, ``Z/D``, ``X/Z/U*``, ``KU`` keep a class UID,
-    and ``PSEUDONYM`` for the patient's name and ID.
+    ``KG`` keep graphics (binary kept, text removed) and ``PSEUDONYM`` for the
+    patient's name and ID.
 
 Final actions (``resolve``) depend on the attribute's VR and on how required it
 is where it occurs (Type 1, 2 or 3, from the generated IOD tables): a combined
@@ -46,6 +47,9 @@ GENERATED_TAGS: Final = frozenset(
 )
 
 DATE_VRS: Final = frozenset({"DA", "DT"})
+TEXT_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
+)
 TEXT_TEMPORAL_KEEP_VRS: Final = frozenset({"TM"})
 
 
@@ -135,7 +139,7 @@ class CompiledProfile:
             if element == 0x4000:
                 return self.overlay_comment_code
             if self.options.clean_graphics and element in OVERLAY_ELEMENTS:
-                return "K"
+                return "KG"
         return "X"
 
     def keeps_private(self, key: SafePrivateKey) -> bool:
@@ -149,15 +153,17 @@ def compile_profile(
     """Table E.1-1 + keep-list + options -> one action code per public attribute."""
     codes: dict[int, str] = {}
     curve = overlay_data = overlay_comment = "X"
+    # Clean Graphics "cleans" graphics by keeping their binary structure and data (the
+    # image is flagged for review) and dropping every text element of the group.
     for pattern, _keyword, _name, basic, option_actions in table.ROWS:
         if pattern == "private":
             continue
         if "x" in pattern:
             action = _option_action(options, basic, option_actions, "")
             if pattern.startswith("50"):
-                curve = action
+                curve = "KG" if action == "C" else action
             elif pattern.endswith("3000"):
-                overlay_data = action
+                overlay_data = "KG" if action == "C" else action
             else:
                 overlay_comment = action
             continue
@@ -239,6 +245,8 @@ def resolve(code: str, vr: str, rtype: int) -> Outcome:
         return Outcome.MAP_UID
     if code == "KU":
         return Outcome.KEEP_CLASS_UID
+    if code == "KG":
+        return Outcome.REMOVE if vr in TEXT_VRS or not vr else Outcome.KEEP
     if code == "SHIFT":
         return Outcome.SHIFT if vr in DATE_VRS else Outcome.KEEP
     if code == "PSEUDONYM":

@@ -67,7 +67,7 @@ def test_repeating_groups() -> None:
     graphics = compile_profile(DeidOptions().with_settings(["clean-graphics"]))
 
     assert basic.code(0x60003000) == "X" and basic.code(0x60020010) == "X"
-    assert graphics.code(0x60003000) == "C" and graphics.code(0x60020010) == "K"
+    assert graphics.code(0x60003000) == "KG" and graphics.code(0x60020010) == "KG"
     assert graphics.code(0x60004000) == "C" and graphics.code(0x60000022) == "X"
     assert basic.code(0x50002500) == "X"
 
