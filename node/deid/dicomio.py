@@ -314,7 +314,12 @@ def item_elements(buf: bytes | memoryview, item: Item, enc: Encoding, depth: int
 
 @dataclass
 class Part10:
-    """A file split into its meta information and its data set."""
+    """A file split into its meta information and its data set.
+
+    ``dataset`` is the file's own buffer with the data set from ``start`` on, so
+    element positions are file offsets — except for a deflated file, whose
+    inflated data set is a new buffer (``deflated`` is then true).
+    """
 
     meta: dict[int, bytes]
     transfer_syntax: str
@@ -332,7 +337,7 @@ def split_part10(buf: bytes | memoryview) -> Part10:
     elif size >= 8 and bytes(buf[0:2]) == b"\x02\x00" and bytes(buf[4:6]).isalpha():
         pos = 0  # meta group without a preamble
     else:
-        return _without_meta(buf)
+        return _without_meta(buf, 0)
     meta: dict[int, bytes] = {}
     while pos + 8 <= size:
         group, elem = LE.tag.unpack_from(buf, pos)
@@ -353,7 +358,7 @@ def split_part10(buf: bytes | memoryview) -> Part10:
         pos = vstart + length
     raw_ts = meta.get(0x00020010)
     if raw_ts is None:
-        guessed = _without_meta(memoryview(buf)[pos:])
+        guessed = _without_meta(buf, pos)
         guessed.meta = meta
         return guessed
     ts = raw_ts.rstrip(b"\x00 ").decode("ascii", "replace")
@@ -363,32 +368,32 @@ def split_part10(buf: bytes | memoryview) -> Part10:
         enc = EXPLICIT_BE_ENC
     else:
         enc = EXPLICIT_LE_ENC  # explicit LE and every encapsulated syntax
-    dataset: bytes | memoryview = memoryview(buf)[pos:]
-    start = 0
-    deflated = ts == DEFLATED_LE
-    if deflated:
+    if pos >= size:
+        raise DicomFormatError("truncated", "file ends after its meta information")
+    if ts == DEFLATED_LE:
         try:
-            dataset = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
+            inflated = zlib.decompress(bytes(buf[pos:]), -zlib.MAX_WBITS)
         except zlib.error as exc:
             raise DicomFormatError(
                 "malformed", f"deflated data set does not inflate: {exc}"
             ) from exc
-    if len(dataset) == 0:
-        raise DicomFormatError("truncated", "file ends after its meta information")
-    return Part10(meta, ts, enc, deflated, dataset, start)
+        if not inflated:
+            raise DicomFormatError("truncated", "deflated data set is empty")
+        return Part10(meta, ts, enc, True, inflated, 0)
+    return Part10(meta, ts, enc, False, buf, pos)
 
 
-def _without_meta(buf: bytes | memoryview) -> Part10:
+def _without_meta(buf: bytes | memoryview, pos: int) -> Part10:
     """A bare data set (no preamble, no meta), as older PACS export: guess the encoding."""
-    if len(buf) < 8:
+    if len(buf) - pos < 8:
         raise DicomFormatError("not_dicom", "file too short to be DICOM")
     groups = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
-    vr = bytes(buf[4:6])
+    vr = bytes(buf[pos + 4 : pos + 6])
     explicit = vr.isalpha() and vr.isupper() and vr.decode("ascii") in KNOWN_VRS
-    if BE.tag.unpack_from(buf, 0)[0] in groups and explicit:
-        return Part10({}, EXPLICIT_VR_BE, EXPLICIT_BE_ENC, False, memoryview(buf), 0)
-    if LE.tag.unpack_from(buf, 0)[0] not in groups:
+    if BE.tag.unpack_from(buf, pos)[0] in groups and explicit:
+        return Part10({}, EXPLICIT_VR_BE, EXPLICIT_BE_ENC, False, buf, pos)
+    if LE.tag.unpack_from(buf, pos)[0] not in groups:
         raise DicomFormatError("not_dicom", "no DICM prefix and no recognisable data set")
     ts = EXPLICIT_VR_LE if explicit else IMPLICIT_VR_LE
     enc = EXPLICIT_LE_ENC if explicit else IMPLICIT_LE_ENC
-    return Part10({}, ts, enc, False, memoryview(buf), 0)
+    return Part10({}, ts, enc, False, buf, pos)

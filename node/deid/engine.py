@@ -88,11 +88,20 @@ class DeidError(Exception):
         self.message = message
 
 
+#: A piece of output: new bytes, or (offset, length) of bytes copied from the input file.
+Piece = bytes | tuple[int, int]
+
+
 @dataclass
 class DeidResult:
-    """One de-identified instance, ready to be written."""
+    """One de-identified instance, ready to be written.
 
-    chunks: list[bytes | memoryview]
+    ``pieces`` are new bytes or spans of the input (``source``) copied unchanged —
+    so a writer can have the kernel copy pixel data from file to file.
+    """
+
+    pieces: list[Piece]
+    source: bytes | memoryview
     relpath: str
     sop_instance_uid: str
     study_instance_uid: str
@@ -107,7 +116,13 @@ class DeidResult:
 
     @property
     def size(self) -> int:
-        return sum(len(c) for c in self.chunks)
+        return sum(len(p) if isinstance(p, bytes) else p[1] for p in self.pieces)
+
+    @property
+    def chunks(self) -> list[bytes | memoryview]:
+        """The output as buffers (spans as views of the input, nothing copied)."""
+        view = self.source if isinstance(self.source, memoryview) else memoryview(self.source)
+        return [p if isinstance(p, bytes) else view[p[0] : p[0] + p[1]] for p in self.pieces]
 
 
 @dataclass
@@ -321,12 +336,9 @@ class Deidentifier:
         return _header(el.tag, vr, len(value), enc) + value
 
     @staticmethod
-    def _assemble(
-        ctx: _Context, entries: list[tuple[int, int, int, bytes | None]]
-    ) -> list[bytes | memoryview]:
-        """Entries to chunks, merging spans that are adjacent in the input."""
-        view = memoryview(ctx.buf) if not isinstance(ctx.buf, memoryview) else ctx.buf
-        chunks: list[bytes | memoryview] = []
+    def _spans(entries: list[tuple[int, int, int, bytes | None]]) -> list[Piece]:
+        """Entries to pieces, merging spans that are adjacent in the input."""
+        pieces: list[Piece] = []
         span_start = span_end = -1
         for _tag, start, end, data in entries:
             if data is None:
@@ -334,16 +346,26 @@ class Deidentifier:
                     span_end = end
                     continue
                 if span_end > span_start:
-                    chunks.append(view[span_start:span_end])
+                    pieces.append((span_start, span_end - span_start))
                 span_start, span_end = start, end
             else:
                 if span_end > span_start:
-                    chunks.append(view[span_start:span_end])
+                    pieces.append((span_start, span_end - span_start))
                     span_start = span_end = -1
-                chunks.append(data)
+                pieces.append(data)
         if span_end > span_start:
-            chunks.append(view[span_start:span_end])
-        return chunks
+            pieces.append((span_start, span_end - span_start))
+        return pieces
+
+    @classmethod
+    def _assemble(
+        cls, ctx: _Context, entries: list[tuple[int, int, int, bytes | None]]
+    ) -> list[bytes | memoryview]:
+        """Entries to buffers (spans as views of the input)."""
+        view = memoryview(ctx.buf) if not isinstance(ctx.buf, memoryview) else ctx.buf
+        return [
+            p if isinstance(p, bytes) else view[p[0] : p[0] + p[1]] for p in cls._spans(entries)
+        ]
 
     # -- the file -------------------------------------------------------------------
 
@@ -402,7 +424,7 @@ class Deidentifier:
         entries = self._dataset(ctx, elements, part.enc, 0)
         entries.extend(self._generated(ctx, part.enc))
         entries.sort(key=lambda e: e[0])
-        body = self._assemble(ctx, entries)
+        body = self._spans(entries)
 
         def new_uid(tag: int) -> bytes:
             original = top[tag]
@@ -420,10 +442,14 @@ class Deidentifier:
                 raise DicomFormatError("malformed", f"invalid UID {uid[:64]!r}")
         meta = _meta(sop_class, sop_uid, part.transfer_syntax.encode("ascii"))
         if part.deflated:
+            view = memoryview(buf)
+            inflated = b"".join(
+                p if isinstance(p, bytes) else view[p[0] : p[0] + p[1]] for p in body
+            )
             # Level 6 (zlib default): dicom3tools misreads some level-9 streams.
             compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-            body = [compressor.compress(b"".join(body)) + compressor.flush()]
-        chunks: list[bytes | memoryview] = [meta, *body]
+            body = [compressor.compress(inflated) + compressor.flush()]
+        pieces: list[Piece] = [meta, *body]
         pseudonym = ctx.pseudonym.decode("ascii")
         relpath = (
             f"{pseudonym}/{study_uid.decode('ascii')}/{series_uid.decode('ascii')}/"
@@ -445,7 +471,8 @@ class Deidentifier:
             "uids": sorted([k.decode("latin-1"), v.decode()] for k, v in ctx.uids.items()),
         }
         return DeidResult(
-            chunks=chunks,
+            pieces=pieces,
+            source=buf,
             relpath=relpath,
             sop_instance_uid=sop_uid.decode(),
             study_instance_uid=study_uid.decode(),

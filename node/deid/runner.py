@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from node.deid.dicomio import DicomFormatError
-from node.deid.engine import Deidentifier, DeidError
+from node.deid.engine import Deidentifier, DeidError, DeidResult
 from node.deid.values import Keyed
 from node.deid.vault import Vault
 from protocols.deid.options import DeidOptions
 from protocols.deid.profile import compile_profile
 from protocols.deid.safe_private import SafePrivateKey
 
-MMAP_THRESHOLD = 64 * 1024 * 1024
+MMAP_THRESHOLD = 256 * 1024
+COPY_THRESHOLD = 64 * 1024
 BATCH_FILES = 8
 VAULT_BATCH = 512
 TMP_DIR = ".radfed-tmp"
@@ -116,7 +117,13 @@ class RunSummary:
 
 
 class Writer:
-    """Publishes outputs atomically under one destination root."""
+    """Publishes outputs atomically under one destination root.
+
+    A file is written under a temporary name in ``DST/.radfed-tmp`` and linked to
+    its final name once complete, so a crash never leaves a partial output and an
+    existing file is never replaced. Spans copied from the input go file to file
+    in the kernel (``copy_file_range``).
+    """
 
     def __init__(self, dst: Path) -> None:
         self.dst = dst
@@ -124,9 +131,9 @@ class Writer:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._dirs: set[str] = set()
 
-    def publish(self, relpath: str, chunks: list[bytes | memoryview]) -> str:
+    def publish(self, result: DeidResult, source_fd: int | None = None) -> str:
         """Write; returns 'written', 'unchanged' or raises DeidError('conflict')."""
-        final = self.dst / relpath
+        final = self.dst / result.relpath
         parent = str(final.parent)
         if parent not in self._dirs:
             os.makedirs(parent, exist_ok=True)
@@ -134,22 +141,66 @@ class Writer:
             if len(self._dirs) > 10_000:
                 self._dirs.clear()
         tmp = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with open(tmp, "wb") as fh:
-                fh.writelines(chunks)
+            try:
+                _write_pieces(fd, result, source_fd)
+            finally:
+                os.close(fd)
             try:
                 os.link(tmp, final)
                 return "written"
             except FileExistsError:
-                if _same_content(final, chunks):
+                if _same_content(final, result.chunks):
                     return "unchanged"
                 raise DeidError(
                     "conflict",
-                    f"{relpath} already exists with different content "
+                    f"{result.relpath} already exists with different content "
                     "(same SOP Instance UID, different file): nothing overwritten",
                 ) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _write_pieces(fd: int, result: DeidResult, source_fd: int | None) -> None:
+    view = result.source if isinstance(result.source, memoryview) else memoryview(result.source)
+    pending: list[bytes | memoryview] = []
+    for piece in result.pieces:
+        if isinstance(piece, bytes):
+            pending.append(piece)
+            continue
+        offset, length = piece
+        if source_fd is not None and length >= COPY_THRESHOLD:
+            _write_all(fd, pending)
+            pending = []
+            _copy_range(source_fd, fd, offset, length, view)
+        else:
+            pending.append(view[offset : offset + length])
+    _write_all(fd, pending)
+
+
+def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
+    while buffers:
+        written = os.writev(fd, buffers[:512])
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers = buffers[1:]
+        if written and buffers:
+            buffers[0] = memoryview(buffers[0])[written:]
+
+
+def _copy_range(source_fd: int, fd: int, offset: int, length: int, view: memoryview) -> None:
+    """Copy input bytes to the output in the kernel; plain writes where that is refused."""
+    while length > 0:
+        try:
+            copied = os.copy_file_range(source_fd, fd, length, offset)
+        except OSError:
+            copied = 0
+        if copied <= 0:
+            _write_all(fd, [view[offset : offset + length]])
+            return
+        offset += copied
+        length -= copied
 
 
 def _same_content(path: Path, chunks: list[bytes | memoryview]) -> bool:
@@ -166,65 +217,84 @@ def _same_content(path: Path, chunks: list[bytes | memoryview]) -> bool:
     return True
 
 
+def _read(fd: int, size: int) -> bytes:
+    parts = []
+    while size > 0:
+        part = os.read(fd, size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 def process_file(engine: Deidentifier, writer: Writer, source: str) -> FileOutcome:
     """De-identify one file; every failure becomes a recorded outcome, never an exception."""
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError as exc:
+        return FileOutcome(source, "quarantined", code="unreadable", reason=str(exc))
     mapped: mmap.mmap | None = None
     try:
-        with open(source, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        size = os.fstat(fd).st_size
+        try:
             if size >= MMAP_THRESHOLD:
-                # Large files are mapped, not read: pixel data goes from the page cache
-                # to the output without passing through Python's heap.
-                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                # Mapped, not read: parsing touches the header pages only, and pixel
+                # data goes from file to file without passing through Python.
+                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 data: bytes | memoryview = memoryview(mapped)
             else:
-                data = fh.read()
-    except (OSError, ValueError) as exc:
-        return FileOutcome(source, "quarantined", code="unreadable", reason=str(exc))
-    try:
-        try:
-            result = engine.deidentify(data)
-        except DicomFormatError as exc:
-            return FileOutcome(
-                source, "quarantined", code=exc.code, reason=exc.message, bytes_in=size
-            )
-        except DeidError as exc:
-            return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
-        except (ValueError, OverflowError, UnicodeError, MemoryError) as exc:
-            return FileOutcome(
-                source,
-                "quarantined",
-                code="malformed",
-                reason=f"{type(exc).__name__}: {exc}",
-                bytes_in=size,
-            )
-        try:
-            status = writer.publish(result.relpath, result.chunks)
-        except DeidError as exc:
-            return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
-        except OSError as exc:
-            return FileOutcome(
-                source,
-                "failed",
-                code="write_error",
-                reason=f"{exc.strerror or exc}",
-                bytes_in=size,
-            )
-        return FileOutcome(
-            source,
-            status,
-            output=result.relpath,
-            risk=result.risk,
-            notes=result.notes,
-            record=result.record,
-            bytes_in=size,
-            bytes_out=result.size,
-        )
+                data = _read(fd, size)
+        except (OSError, ValueError) as exc:
+            return FileOutcome(source, "quarantined", code="unreadable", reason=str(exc))
+        return _deidentify_and_publish(engine, writer, source, data, fd, size)
     finally:
         if mapped is not None:
-            del data
             with contextlib.suppress(BufferError):  # a view still refers to it; GC closes it
                 mapped.close()
+        os.close(fd)
+
+
+def _deidentify_and_publish(
+    engine: Deidentifier,
+    writer: Writer,
+    source: str,
+    data: bytes | memoryview,
+    fd: int,
+    size: int,
+) -> FileOutcome:
+    try:
+        result = engine.deidentify(data)
+    except DicomFormatError as exc:
+        return FileOutcome(source, "quarantined", code=exc.code, reason=exc.message, bytes_in=size)
+    except DeidError as exc:
+        return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
+    except (ValueError, OverflowError, UnicodeError, MemoryError) as exc:
+        return FileOutcome(
+            source,
+            "quarantined",
+            code="malformed",
+            reason=f"{type(exc).__name__}: {exc}",
+            bytes_in=size,
+        )
+    try:
+        status = writer.publish(result, fd)
+    except DeidError as exc:
+        return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
+    except OSError as exc:
+        return FileOutcome(
+            source, "failed", code="write_error", reason=f"{exc.strerror or exc}", bytes_in=size
+        )
+    return FileOutcome(
+        source,
+        status,
+        output=result.relpath,
+        risk=result.risk,
+        notes=result.notes,
+        record=result.record,
+        bytes_in=size,
+        bytes_out=result.size,
+    )
 
 
 # -- worker processes --------------------------------------------------------------
