@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 
 from node.cli import deid
-from radfed.synth.site import write_site_corpus
 
 app = typer.Typer(help="Run the whole flow on one machine with synthetic data.")
 out = Console()
@@ -35,6 +34,8 @@ def demo(
     """Generate a synthetic site and de-identify it, printing the summary."""
     if ctx.invoked_subcommand is not None:
         return
+    from radfed.synth.site import write_site_corpus  # numpy + pydicom: only when generating
+
     base = workdir or Path(tempfile.mkdtemp(prefix="radfed-demo-"))
     base.mkdir(parents=True, exist_ok=True)
     site_dir = base / "site-a" / "pacs-export"

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from protocols.deid.profile import dictionary_vr
+from protocols.deid.dictionary import dictionary_vr
 
 ITEM: Final = 0xFFFEE000
 ITEM_DELIMITER: Final = 0xFFFEE00D

@@ -25,13 +25,13 @@ from node.deid.values import (
     shift_dates,
     split_values,
 )
+from protocols.deid.dictionary import dictionary_vr
 from protocols.deid.options import DeidOptions
 from protocols.deid.profile import (
     PATIENT_ID,
     PATIENT_NAME,
     CompiledProfile,
     Outcome,
-    dictionary_vr,
     iod_index,
     required_type,
     resolve,

@@ -418,7 +418,10 @@ def _run_pool(
     jobs: int,
     record: Callable[[FileOutcome], None],
 ) -> None:
+    # Workers fork from a server that has already imported the engine: no per-worker
+    # import cost, and no fork of this (threaded, progress-bar drawing) process.
     context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["node.deid.runner"])
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(config, str(dst))
     ) as pool:

@@ -14,9 +14,8 @@ import hmac
 import re
 from typing import Final
 
-from pydicom._uid_dict import UID_dictionary  # registered standard UIDs (classes, syntaxes…)
+from protocols.deid.dictionary import STANDARD_UIDS
 
-STANDARD_UIDS: Final[frozenset[str]] = frozenset(UID_dictionary)
 _UID_SYNTAX: Final = re.compile(rb"^[0-9]+(\.[0-9]+)*$")
 _SITE_PREFIX: Final = re.compile(r"^[A-Z0-9][A-Z0-9-]{0,15}$")
 

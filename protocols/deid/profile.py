@@ -21,12 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cache
 from typing import Final
 
-import pydicom.datadict as dd
-
-from protocols.deid import _table_e1_1 as table
+from protocols.deid import table
+from protocols.deid.dictionary import dictionary_vr, tag_for_keyword
 from protocols.deid.keep_list import KEEP_KEYWORDS, OVERLAY_ELEMENTS, REPLACED_KEYWORDS
 from protocols.deid.options import TABLE_COLUMNS, DeidOptions
 from protocols.deid.safe_private import DEFAULT_SAFE_PRIVATE, SafePrivateKey
@@ -65,16 +63,6 @@ class Outcome(IntEnum):
     RECURSE = 6
     KEEP_CLASS_UID = 7
     PSEUDONYM = 8
-
-
-@cache
-def dictionary_vr(tag: int) -> str:
-    """The VR the data dictionary gives a public tag ('' when unknown or ambiguous)."""
-    try:
-        vr = str(dd.dictionary_VR(tag))
-    except KeyError:
-        return ""
-    return vr if len(vr) == 2 else ""
 
 
 def _pattern_matcher(pattern: str) -> tuple[int, int]:
@@ -170,14 +158,14 @@ def compile_profile(
         tag = int(pattern, 16)
         codes[tag] = _option_action(options, basic, option_actions, dictionary_vr(tag))
     for keyword in KEEP_KEYWORDS:
-        kept = dd.tag_for_keyword(keyword)
+        kept = tag_for_keyword(keyword)
         if kept is None:
             raise ValueError(f'Keep-list keyword "{keyword}" is not in the data dictionary.')
         if kept in codes:
             raise ValueError(f'Keep-list keyword "{keyword}" is also in Table E.1-1.')
         codes[kept] = "KU" if dictionary_vr(kept) == "UI" else "K"
     for keyword, action in REPLACED_KEYWORDS.items():
-        replaced = dd.tag_for_keyword(keyword)
+        replaced = tag_for_keyword(keyword)
         if replaced is None or replaced in codes:
             raise ValueError(f'Replaced keyword "{keyword}" is unknown or already has an action.')
         codes[replaced] = action

@@ -37,7 +37,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from protocols.deid import _table_e1_1 as table
+from protocols.deid import table
 from radfed.synth.site import BASIC_TEXT_SR, CR_IMAGE, CT_IMAGE, DX_IMAGE, UID_ROOT, US_IMAGE
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

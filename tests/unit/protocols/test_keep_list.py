@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom.datadict as dd
 import pytest
 
-from protocols.deid import _table_e1_1 as table
+from protocols.deid import table
 from protocols.deid.keep_list import (
     KEEP_KEYWORDS,
     OVERLAY_ELEMENTS,
