@@ -437,9 +437,13 @@ class Deidentifier:
             new_uid(STUDY_INSTANCE_UID),
             new_uid(SERIES_INSTANCE_UID),
         )
-        for uid in (sop_uid, study_uid, series_uid):
-            if not is_uid(uid):
-                raise DicomFormatError("malformed", f"invalid UID {uid[:64]!r}")
+        for uid, name in (
+            (sop_uid, "SOP Instance UID"),
+            (study_uid, "Study Instance UID"),
+            (series_uid, "Series Instance UID"),
+        ):
+            if not is_uid(uid):  # only possible with Retain UIDs; the value is not echoed
+                raise DicomFormatError("malformed", f"{name} is not a valid UID")
         meta = _meta(sop_class, sop_uid, part.transfer_syntax.encode("ascii"))
         if part.deflated:
             view = memoryview(buf)

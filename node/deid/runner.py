@@ -18,6 +18,7 @@ import mmap
 import multiprocessing
 import os
 import secrets
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -127,7 +128,8 @@ class Writer:
 
     def __init__(self, dst: Path) -> None:
         self.dst = dst
-        self.tmp = dst / TMP_DIR
+        # One scratch folder per process: writers do not contend for one directory.
+        self.tmp = dst / TMP_DIR / str(os.getpid())
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._dirs: set[str] = set()
 
@@ -444,13 +446,8 @@ def _run_pool(
 
 
 def _clean_tmp(dst: Path) -> None:
-    tmp = dst / TMP_DIR
-    try:
-        for leftover in tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-        tmp.rmdir()
-    except OSError:
-        pass
+    """Remove the scratch folders (and anything a killed run left in them)."""
+    shutil.rmtree(dst / TMP_DIR, ignore_errors=True)
 
 
 def count_files(src: Path, exclude: Path | None = None) -> int:

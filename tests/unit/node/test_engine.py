@@ -392,3 +392,11 @@ def test_same_input_same_bytes() -> None:
     data = encode(ct())
 
     assert output(engine().deidentify(data)) == output(engine().deidentify(data))
+
+
+def test_retained_uids_cannot_name_files_outside_the_tree() -> None:
+    data = encode(ct(SOPInstanceUID="../../etc/passwd"))
+
+    with pytest.raises(DicomFormatError, match="SOP Instance UID is not a valid UID"):
+        engine("retain-uids").deidentify(data)
+    assert ".." not in engine().deidentify(data).relpath  # mapped UIDs are always valid
