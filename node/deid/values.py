@@ -129,7 +129,7 @@ class Keyed:
         raw[6] = (raw[6] & 0x0F) | 0x80  # UUID version 8 (RFC 9562, custom)
         raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
         mapped = b"2.25." + str(int.from_bytes(raw, "big")).encode("ascii")
-        if len(self._uid_cache) > 16_384:
+        if len(self._uid_cache) > 4096:
             self._uid_cache.clear()  # bounded: memory stays flat over any run
         self._uid_cache[original] = mapped
         return mapped
