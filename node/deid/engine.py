@@ -223,6 +223,10 @@ class Deidentifier:
                 if eff == "SQ" and vr != "UN":
                     eff = vr  # encoded as a value, not a sequence: treat it as encoded
             outcome = outcome_for(tag, eff, iod, nested)
+            if el.undefined and eff != "SQ" and tag != io.PIXEL_DATA:
+                # Undefined length holds items; only pixel data may keep them unwalked.
+                ctx.notes.append(f"({group:04X},{tag & 0xFFFF:04X}) had undefined length: removed")
+                continue
             if outcome is Outcome.KEEP:
                 if eff == "SQ":
                     outcome = Outcome.RECURSE

@@ -400,3 +400,23 @@ def test_retained_uids_cannot_name_files_outside_the_tree() -> None:
     with pytest.raises(DicomFormatError, match="SOP Instance UID is not a valid UID"):
         engine("retain-uids").deidentify(data)
     assert ".." not in engine().deidentify(data).relpath  # mapped UIDs are always valid
+
+
+def test_a_kept_attribute_smuggling_items_is_removed() -> None:
+    # Pixel Aspect Ratio (kept) written as UN of undefined length holding an item
+    # with a patient name: a raw copy would leak it.
+    data = encode(ct())
+    name = b"LEAK^NAME "
+    item = b"\x10\x00\x10\x00" + len(name).to_bytes(4, "little") + name
+    smuggled = (
+        b"\x28\x00\x34\x00UN\x00\x00\xff\xff\xff\xff"
+        + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        + item
+        + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+        + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    )
+    at = data.index(b"\xe0\x7f\x10\x00")
+    result = engine().deidentify(data[:at] + smuggled + data[at:])
+
+    assert b"LEAK" not in output(result)
+    assert any("undefined length" in note for note in result.notes)
