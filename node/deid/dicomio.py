@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from protocols.deid.dictionary import dictionary_vr
+from protocols.deid.dictionary import KNOWN_VRS, dictionary_vr
 
 ITEM: Final = 0xFFFEE000
 ITEM_DELIMITER: Final = 0xFFFEE00D
@@ -27,44 +27,6 @@ MAX_DEPTH: Final = 64
 
 LONG_VRS: Final = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UR", "UT", "UN", "SV", "UV"}
-)
-KNOWN_VRS: Final = frozenset(
-    [
-        "AE",
-        "AS",
-        "AT",
-        "CS",
-        "DA",
-        "DS",
-        "DT",
-        "FD",
-        "FL",
-        "IS",
-        "LO",
-        "LT",
-        "OB",
-        "OD",
-        "OF",
-        "OL",
-        "OV",
-        "OW",
-        "PN",
-        "SH",
-        "SL",
-        "SQ",
-        "SS",
-        "ST",
-        "SV",
-        "TM",
-        "UC",
-        "UI",
-        "UL",
-        "UN",
-        "UR",
-        "US",
-        "UT",
-        "UV",
-    ]
 )
 
 IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"

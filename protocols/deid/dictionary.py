@@ -29,6 +29,9 @@ _REPEATERS: Final[tuple[tuple[int, int, str, str], ...]] = tuple(
     for mask, (vr, keyword) in _DATA["repeaters"].items()
 )
 
+#: Every value representation (PS3.5 Table 6.2-1): the dictionary uses all 34.
+KNOWN_VRS: Final[frozenset[str]] = frozenset(vr for vr, _ in _TAGS.values() if len(vr) == 2)
+
 #: Registered UIDs of the standard: SOP classes, transfer syntaxes, frames of reference...
 STANDARD_UIDS: Final[frozenset[str]] = frozenset(_DATA["standard_uids"])
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Final
 
+from protocols.deid.dictionary import KNOWN_VRS
+
 SafePrivateKey = tuple[str, int, int, str]
 
 DEFAULT_SAFE_PRIVATE: Final[frozenset[SafePrivateKey]] = frozenset(
@@ -25,45 +27,6 @@ DEFAULT_SAFE_PRIVATE: Final[frozenset[SafePrivateKey]] = frozenset(
         ("Philips Imaging DD 001", 0x2001, 0x03, "FL"),  # Diffusion B-Factor
         ("Philips Imaging DD 001", 0x2001, 0x04, "CS"),  # Diffusion Direction
     }
-)
-
-_VRS: Final = frozenset(
-    [
-        "AE",
-        "AS",
-        "AT",
-        "CS",
-        "DA",
-        "DS",
-        "DT",
-        "FD",
-        "FL",
-        "IS",
-        "LO",
-        "LT",
-        "OB",
-        "OD",
-        "OF",
-        "OL",
-        "OV",
-        "OW",
-        "PN",
-        "SH",
-        "SL",
-        "SQ",
-        "SS",
-        "ST",
-        "SV",
-        "TM",
-        "UC",
-        "UI",
-        "UL",
-        "UN",
-        "UR",
-        "US",
-        "UT",
-        "UV",
-    ]
 )
 
 
@@ -100,7 +63,7 @@ def load_allowlist(path: Path) -> frozenset[SafePrivateKey]:
                 f"Safe-private allowlist {path}, entry {index}: element must be 00..FF "
                 "(the low byte inside the creator's block)."
             )
-        if vr not in _VRS or vr == "SQ":
+        if vr not in KNOWN_VRS or vr == "SQ":
             raise SafePrivateError(
                 f'Safe-private allowlist {path}, entry {index}: VR "{vr}" is not allowed.'
             )

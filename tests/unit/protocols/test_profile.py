@@ -109,3 +109,9 @@ def test_required_types_come_from_the_iod() -> None:
     assert required_type(tag("PatientID"), CT, nested=False) == 2
     assert required_type(tag("Rows"), CT, nested=False) == 3  # not a table row: no lookup
     assert required_type(tag("PatientID"), -1, nested=False) <= 2  # unknown IOD: strongest
+
+
+def test_the_dictionary_knows_every_vr() -> None:
+    from protocols.deid.dictionary import KNOWN_VRS
+
+    assert len(KNOWN_VRS) == 34 and {"SV", "UV", "OV", "UC", "UR"} <= KNOWN_VRS
