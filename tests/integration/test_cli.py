@@ -256,3 +256,35 @@ def test_the_demo_runs_the_deidentification_stage(tmp_path: Path) -> None:
     outputs = list((tmp_path / "site-a" / "deidentified").rglob("*.dcm"))
     assert len(outputs) == 5  # 2 CT slices, 1 radiograph, 1 ultrasound, 1 report
     assert all(pydicom.dcmread(p).PatientIdentityRemoved == "YES" for p in outputs)
+
+
+def test_a_site_allowlist_keeps_its_private_attribute(tmp_path: Path) -> None:
+    source = write_ct(tmp_path / "in" / "a.dcm")
+    ds = pydicom.dcmread(source)
+    ds.private_block(0x0019, "ACME 1.0", create=True).add_new(0x1A, "DS", "2.5")
+    ds.private_block(0x0019, "ACME 1.0").add_new(0x1B, "LO", "DOE JOHN")
+    ds.save_as(source)
+    home = tmp_path / "home"
+    home.mkdir()
+    allow = tmp_path / "allow.json"
+    allow.write_text(
+        json.dumps([{"creator": "ACME 1.0", "group": "0019", "element": "1A", "vr": "DS"}])
+    )
+    (home / "config.toml").write_text(
+        f'safe_private_allowlist = "{allow}"\n[deid]\nretain_safe_private = true\n'
+    )
+
+    run_cli(
+        "node",
+        "deid",
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        "-q",
+        "--home",
+        str(home),
+        check=True,
+    )
+
+    out = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm")))
+    assert out.private_block(0x0019, "ACME 1.0")[0x1A].value == 2.5
+    assert (0x0019, 0x101B) not in out
