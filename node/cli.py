@@ -113,7 +113,7 @@ def deid(
     report_path = report or settings.runs_dir / f"deid-{stamp}-{os.getpid()}.jsonl"
     vault = Vault(settings.vault_path, vault_key)
 
-    total = count_files(src, exclude=dst)
+    total = count_files([src], exclude=dst)
     progress = Progress(
         TextColumn("[bold]de-identifying"),
         BarColumn(),
@@ -134,7 +134,7 @@ def deid(
         progress.update(task, advance=1, rate=done / elapsed)
 
     with progress:
-        summary = run(src, dst, config, workers, vault, report_path, on_progress)
+        summary = run([src], dst, config, workers, vault, report_path, on_progress)
     print_summary(summary, dst, workers)
     if not summary.ok:
         err.print(

@@ -47,6 +47,20 @@ class NodeSettings(BaseSettings):
     date_shift_min_days: int = Field(default=365, ge=1)
     date_shift_max_days: int = Field(default=3652, ge=1)
 
+    #: The node API and web UI (``radfed node serve``); loopback unless the site opens it.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    #: The DICOM listener: where the PACS pushes (C-STORE) and checks (C-ECHO).
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    ae_title: str = "RADFED"
+    #: Calling AE titles allowed to associate; empty means any.
+    ae_allowlist: list[str] = Field(default_factory=list)
+    #: Keep the original (identified) files in ``<home>/originals``; off by default.
+    keep_originals: bool = False
+    #: Ingest worker processes (0: all cores).
+    ingest_jobs: int = Field(default=0, ge=0)
+
     @field_validator("site_id")
     @classmethod
     def _site_id(cls, value: str) -> str:
@@ -67,6 +81,36 @@ class NodeSettings(BaseSettings):
         home = cls._config_home or default_home()
         toml = TomlConfigSettingsSource(settings_cls, toml_file=home / "config.toml")
         return (init_settings, env_settings, toml)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+            raise ValueError("ae_title must be 1-16 printable characters without a backslash")
+        return value
+
+    @property
+    def store_dir(self) -> Path:
+        """The de-identified copies the node keeps (``<pseudonym>/<study>/<series>/…``)."""
+        return self.home / "store"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Instances received over DICOM, until de-identified and recorded."""
+        return self.home / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def originals_dir(self) -> Path:
+        return self.home / "originals"
+
+    @property
+    def index_path(self) -> Path:
+        return self.home / "index.sqlite"
 
     @property
     def keys_dir(self) -> Path:

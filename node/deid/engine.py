@@ -113,6 +113,8 @@ class DeidResult:
     risk: list[str]
     notes: list[str]
     record: dict[str, Any]
+    #: De-identified values the index records (modality, body part, shifted date, ...).
+    attributes: dict[str, str | int | float | None] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -428,6 +430,7 @@ class Deidentifier:
         entries = self._dataset(ctx, elements, part.enc, 0)
         entries.extend(self._generated(ctx, part.enc))
         entries.sort(key=lambda e: e[0])
+        attributes = _index_attributes(buf, entries, part.enc)
         body = self._spans(entries)
 
         def new_uid(tag: int) -> bytes:
@@ -492,6 +495,7 @@ class Deidentifier:
             risk=_burned_in_risk(top, sop_class_str, ctx.overlays_kept),
             notes=ctx.notes,
             record=record,
+            attributes=attributes,
         )
 
     def _method_values(self) -> bytes:
@@ -531,6 +535,61 @@ class Deidentifier:
             (0x00120064, 0, 0, _header(0x00120064, "SQ", len(codes), enc) + codes),
             (0x00280303, 0, 0, _element(0x00280303, "CS", temporal, enc)),
         ]
+
+
+#: Output attributes the node index records, by tag: (name, kind).
+INDEX_TAGS: Final[dict[int, tuple[str, str]]] = {
+    0x00080020: ("study_date", "text"),
+    0x00080060: ("modality", "text"),
+    0x00080070: ("manufacturer", "text"),
+    0x00081090: ("model", "text"),
+    0x00180015: ("body_part", "text"),
+    0x00180050: ("slice_thickness", "float"),
+    0x00200011: ("series_number", "int"),
+    0x00200013: ("instance_number", "int"),
+    0x00280004: ("photometric", "text"),
+    0x00280008: ("number_of_frames", "int"),
+    0x00280010: ("rows", "us"),
+    0x00280011: ("columns", "us"),
+    0x00280030: ("pixel_spacing", "float"),
+}
+
+
+def _index_attributes(
+    buf: bytes | memoryview, entries: list[tuple[int, int, int, bytes | None]], enc: Encoding
+) -> dict[str, str | int | float | None]:
+    """The index values, read from what the output holds (shifted dates, kept values)."""
+    out: dict[str, str | int | float | None] = {}
+    for tag, start, end, data in entries:
+        spec = INDEX_TAGS.get(tag)
+        if spec is None:
+            continue
+        encoded = data if data is not None else bytes(buf[start:end])
+        try:
+            (element,), _ = io.read_dataset(encoded, 0, len(encoded), enc)
+        except (DicomFormatError, ValueError):
+            continue
+        raw = encoded[element.vstart : element.vend]
+        out[spec[0]] = _decode(raw, spec[1], enc)
+    return out
+
+
+def _decode(raw: bytes, kind: str, enc: Encoding) -> str | int | float | None:
+    if kind == "us":
+        if len(raw) < 2:
+            return None
+        return int(io.packing(enc).u16.unpack_from(raw, 0)[0])
+    text = raw.split(b"\\")[0].strip(b" \x00").decode("latin-1")
+    if not text:
+        return None
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        return None
+    return text
 
 
 def _patient_key(top: dict[int, bytes]) -> bytes:

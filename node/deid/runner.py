@@ -13,6 +13,7 @@ streamed to a JSON Lines file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import multiprocessing
@@ -39,6 +40,7 @@ MMAP_THRESHOLD = 256 * 1024
 COPY_THRESHOLD = 64 * 1024
 BATCH_FILES = 8
 VAULT_BATCH = 512
+FLUSH_SECONDS = 1.0
 TMP_DIR = ".radfed-tmp"
 
 
@@ -72,6 +74,21 @@ class FileOutcome:
     record: dict[str, Any] | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    instance: InstanceInfo | None = None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the node index records about a written instance (all de-identified)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    pseudonym: str
+    sop_class_uid: str
+    transfer_syntax: str
+    sha256: str
+    attributes: dict[str, str | int | float | None]
 
 
 @dataclass
@@ -230,8 +247,14 @@ def _read(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def process_file(engine: Deidentifier, writer: Writer, source: str) -> FileOutcome:
-    """De-identify one file; every failure becomes a recorded outcome, never an exception."""
+def process_file(
+    engine: Deidentifier, writer: Writer, source: str, hash_output: bool = False
+) -> FileOutcome:
+    """De-identify one file; every failure becomes a recorded outcome, never an exception.
+
+    With ``hash_output`` the outcome carries the sha256 of the written file and what
+    the index records about it.
+    """
     try:
         fd = os.open(source, os.O_RDONLY)
     except OSError as exc:
@@ -249,7 +272,7 @@ def process_file(engine: Deidentifier, writer: Writer, source: str) -> FileOutco
                 data = _read(fd, size)
         except (OSError, ValueError) as exc:
             return FileOutcome(source, "quarantined", code="unreadable", reason=str(exc))
-        return _deidentify_and_publish(engine, writer, source, data, fd, size)
+        return _deidentify_and_publish(engine, writer, source, data, fd, size, hash_output)
     finally:
         if mapped is not None:
             with contextlib.suppress(BufferError):  # a view still refers to it; GC closes it
@@ -264,6 +287,7 @@ def _deidentify_and_publish(
     data: bytes | memoryview,
     fd: int,
     size: int,
+    hash_output: bool,
 ) -> FileOutcome:
     try:
         result = engine.deidentify(data)
@@ -287,6 +311,21 @@ def _deidentify_and_publish(
         return FileOutcome(
             source, "failed", code="write_error", reason=f"{exc.strerror or exc}", bytes_in=size
         )
+    instance = None
+    if hash_output:
+        digest = hashlib.sha256()
+        for chunk in result.chunks:
+            digest.update(chunk)
+        instance = InstanceInfo(
+            sop_instance_uid=result.sop_instance_uid,
+            study_instance_uid=result.study_instance_uid,
+            series_instance_uid=result.series_instance_uid,
+            pseudonym=result.pseudonym,
+            sop_class_uid=result.sop_class_uid,
+            transfer_syntax=result.transfer_syntax,
+            sha256=digest.hexdigest(),
+            attributes=result.attributes,
+        )
     return FileOutcome(
         source,
         status,
@@ -296,24 +335,25 @@ def _deidentify_and_publish(
         record=result.record,
         bytes_in=size,
         bytes_out=result.size,
+        instance=instance,
     )
 
 
 # -- worker processes --------------------------------------------------------------
 
-_worker: tuple[Deidentifier, Writer] | None = None
+_worker: tuple[Deidentifier, Writer, bool] | None = None
 
 
-def _init_worker(config: EngineConfig, dst: str) -> None:
+def _init_worker(config: EngineConfig, dst: str, hash_output: bool) -> None:
     global _worker
-    _worker = (config.build(), Writer(Path(dst)))
+    _worker = (config.build(), Writer(Path(dst)), hash_output)
 
 
 def _run_batch(sources: list[str]) -> list[FileOutcome]:
     if _worker is None:  # pragma: no cover - the initializer always ran
         raise RuntimeError("worker not initialised")
-    engine, writer = _worker
-    return [process_file(engine, writer, s) for s in sources]
+    engine, writer, hash_output = _worker
+    return [process_file(engine, writer, s, hash_output) for s in sources]
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -359,32 +399,46 @@ def _batches(files: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 def run(
-    src: Path,
+    sources: list[Path],
     dst: Path,
     config: EngineConfig,
     jobs: int,
     vault: Vault,
     report_path: Path,
     on_progress: Callable[[FileOutcome], None] | None = None,
+    on_batch: Callable[[list[FileOutcome]], None] | None = None,
+    hash_output: bool = False,
 ) -> RunSummary:
-    """De-identify every file under ``src`` into ``dst``; returns the summary."""
+    """De-identify every file under ``sources`` into ``dst``; returns the summary.
+
+    Outcomes are handled in batches: the batch's re-identification records are
+    appended to the vault (durably) first, then ``on_batch`` sees the outcomes —
+    the node index commits them there — so nothing is recorded whose mapping
+    could be lost.
+    """
     started = time.perf_counter()
     dst.mkdir(parents=True, exist_ok=True)
     report_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     summary = RunSummary(report_path=report_path)
-    pending_records: list[dict[str, Any]] = []
-    files = iter_files(src, exclude=dst)
+    pending: list[FileOutcome] = []
+    last_flush = time.monotonic()
+    files = (path for src in sources for path in iter_files(src, exclude=dst))
 
     with open(report_path, "w", encoding="utf-8") as report:
         os.chmod(report_path, 0o600)
 
+        def flush() -> None:
+            nonlocal last_flush
+            vault.append([o.record for o in pending if o.record is not None])
+            if on_batch is not None:
+                on_batch(pending)
+            report.flush()
+            pending.clear()
+            last_flush = time.monotonic()
+
         def record(outcome: FileOutcome) -> None:
             summary.add(outcome)
-            if outcome.record is not None:
-                pending_records.append(outcome.record)
-                if len(pending_records) >= VAULT_BATCH:
-                    vault.append(pending_records)
-                    pending_records.clear()
+            pending.append(outcome)
             line = {
                 "source": outcome.source,
                 "status": outcome.status,
@@ -395,6 +449,8 @@ def run(
                 "notes": outcome.notes,
             }
             report.write(json.dumps(line) + "\n")
+            if len(pending) >= VAULT_BATCH or time.monotonic() - last_flush > FLUSH_SECONDS:
+                flush()
             if on_progress is not None:
                 on_progress(outcome)
 
@@ -402,12 +458,11 @@ def run(
             if jobs <= 1:
                 engine, writer = config.build(), Writer(dst)
                 for path in files:
-                    record(process_file(engine, writer, path))
+                    record(process_file(engine, writer, path, hash_output))
             else:
-                _run_pool(files, dst, config, jobs, record)
+                _run_pool(files, dst, config, jobs, record, hash_output)
+            flush()
         finally:
-            vault.append(pending_records)
-            pending_records.clear()
             _clean_tmp(dst)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -419,13 +474,17 @@ def _run_pool(
     config: EngineConfig,
     jobs: int,
     record: Callable[[FileOutcome], None],
+    hash_output: bool,
 ) -> None:
     # Workers fork from a server that has already imported the engine: no per-worker
     # import cost, and no fork of this (threaded, progress-bar drawing) process.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["node.deid.runner"])
     with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(config, str(dst))
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config, str(dst), hash_output),
     ) as pool:
         in_flight: set[Future[list[FileOutcome]]] = set()
         batches = _batches(files, BATCH_FILES)
@@ -450,6 +509,6 @@ def _clean_tmp(dst: Path) -> None:
     shutil.rmtree(dst / TMP_DIR, ignore_errors=True)
 
 
-def count_files(src: Path, exclude: Path | None = None) -> int:
+def count_files(sources: list[Path], exclude: Path | None = None) -> int:
     """How many files a run will see (for the progress bar)."""
-    return sum(1 for _ in iter_files(src, exclude))
+    return sum(1 for src in sources for _ in iter_files(src, exclude))

@@ -1,0 +1,17 @@
+"""The node's one error type: a stable machine code, a human message, retryable or not.
+
+``node.api`` maps codes to HTTP statuses and to the public ``ErrorBody`` in one
+place; service code raises these, never HTTP exceptions.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """A failure the node reports: ``code`` is stable, ``message`` says what to do."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable

@@ -1,0 +1,122 @@
+"""The node API's wire models: study search, study detail, counts, quarantine, health."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StudyStatus(StrEnum):
+    """Where a study stands (DESIGN.md, study lifecycle)."""
+
+    RECEIVED = "received"
+    DEIDENTIFIED = "deidentified"
+    HELD = "held"  # in review
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    QUEUED = "queued"
+    SHARED = "shared"
+    FAILED = "failed"
+    WITHDRAWN = "withdrawn"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+class StatusChangePublic(_Model):
+    from_status: StudyStatus | None
+    to_status: StudyStatus
+    actor: str
+    reason: str
+    at: dt.datetime
+
+
+class InstancePublic(_Model):
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    pixel_spacing: float | None = Field(description="row spacing, mm")
+    slice_thickness: float | None
+    number_of_frames: int | None
+    transfer_syntax: str
+    photometric_interpretation: str | None
+    size: int
+    sha256: str
+    burned_in_risk: bool
+    risk_reasons: list[str]
+    received_via: str
+    received_at: dt.datetime
+
+
+class SeriesPublic(_Model):
+    series_instance_uid: str
+    modality: str | None
+    body_part: str | None
+    manufacturer: str | None
+    model: str | None
+    series_number: int | None
+    instance_count: int
+    instances: list[InstancePublic] = Field(default_factory=list)
+
+
+class StudySummary(_Model):
+    study_instance_uid: str
+    pseudonym: str
+    study_date: dt.date | None = Field(description="shifted with the patient's date shift")
+    status: StudyStatus
+    status_at: dt.datetime
+    modalities: list[str]
+    series_count: int
+    instance_count: int
+    size: int
+    burned_in_risk: bool
+    received_at: dt.datetime
+
+
+class StudyPage(_Model):
+    items: list[StudySummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class StudyDetail(StudySummary):
+    series: list[SeriesPublic]
+    history: list[StatusChangePublic]
+
+
+class Counts(_Model):
+    studies: int
+    instances: int
+    by_status: dict[str, int]
+    by_modality: dict[str, int] = Field(description="instances per modality")
+    quarantined: int
+
+
+class QuarantinePublic(_Model):
+    id: int
+    at: dt.datetime
+    code: str
+    message: str
+    source_kind: str
+    sha256: str | None
+    size: int | None
+
+
+class QuarantinePage(_Model):
+    items: list[QuarantinePublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class Health(_Model):
+    status: str
+    version: str
+    protocol_version: str
+    dicom_listener: bool
