@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -20,23 +22,72 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from node.deid import keys
-from node.deid.runner import EngineConfig, FileOutcome, RunSummary, count_files, run
-from node.deid.vault import Vault
-from node.settings import load_settings
+from node.deid.runner import FileOutcome, RunSummary, count_files, run
+from node.errors import NodeError
+from node.index import audit
+from node.settings import NodeSettings, load_settings
+from node.site import engine_config, open_index, open_vault
 from protocols.deid.options import DeidOptionsError
-from protocols.deid.safe_private import DEFAULT_SAFE_PRIVATE, SafePrivateError, load_allowlist
 
 app = typer.Typer(
     help="The site's node: de-identify, index, vet and share exams.", no_args_is_help=True
 )
+token_app = typer.Typer(help="API tokens of the node's operators.", no_args_is_help=True)
+audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 out = Console()
 err = Console(stderr=True)
+
+HomeOption = Annotated[
+    Path | None, typer.Option(help="Node home (default RADFED_NODE_HOME or ~/.radfed/node).")
+]
+JobsOption = Annotated[
+    int, typer.Option("--jobs", "-j", help="Worker processes (0: all cores).", min=0)
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def _settings(home: Path | None) -> NodeSettings:
+    try:
+        return load_settings(home)
+    except ValueError as exc:
+        raise _fail(f"invalid node settings: {exc}") from exc
+
+
+@contextmanager
+def _progress(label: str, total: int, quiet: bool) -> Iterator[Callable[[FileOutcome], None]]:
+    """A progress bar with the rate; yields the per-file callback."""
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]:>8.1f} files/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+    )
+    task = progress.add_task(label, total=total, rate=0.0)
+    started = time.perf_counter()
+
+    def advance(_: FileOutcome) -> None:
+        done = progress.tasks[0].completed + 1
+        progress.update(task, advance=1, rate=done / max(time.perf_counter() - started, 1e-6))
+
+    with progress:
+        yield advance
+
+
+def _report_path(settings: NodeSettings, kind: str, given: Path | None) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return given or settings.runs_dir / f"{kind}-{stamp}-{os.getpid()}.jsonl"
 
 
 @app.command()
@@ -59,16 +110,12 @@ def deid(
     basic: Annotated[
         bool, typer.Option("--basic", help="Start from the Basic Profile: every option off.")
     ] = False,
-    jobs: Annotated[
-        int, typer.Option("--jobs", "-j", help="Worker processes (0: all cores).", min=0)
-    ] = 0,
-    home: Annotated[
-        Path | None, typer.Option(help="Node home (default RADFED_NODE_HOME or ~/.radfed/node).")
-    ] = None,
+    jobs: JobsOption = 0,
+    home: HomeOption = None,
     report: Annotated[
         Path | None, typer.Option(help="Per-file report (JSON Lines; default in the node home).")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """De-identify SRC into DST/<pseudonym>/<study>/<series>/<instance>.dcm.
 
@@ -79,62 +126,20 @@ def deid(
         raise _fail(f'Argument "src": {src} does not exist.')
     if src.resolve() == dst.resolve():
         raise _fail('Argument "dst" must differ from "src": input is never modified.')
+    settings = _settings(home)
     try:
-        settings = load_settings(home)
-        options = settings.deid
-        if basic:
-            options = options.basic()
+        options = settings.deid.basic() if basic else settings.deid
         options = options.with_settings(option or [])
+        config = engine_config(settings, options, site_secret_file)
+        vault = open_vault(settings)
     except DeidOptionsError as exc:
         raise _fail(str(exc)) from exc
-    except ValueError as exc:
-        raise _fail(f"invalid node settings: {exc}") from exc
-    try:
-        secret = keys.site_secret(settings.keys_dir, site_secret_file)
-        vault_key = keys.vault_key(settings.keys_dir)
-    except keys.KeyFileError as exc:
-        raise _fail(str(exc)) from exc
-    safe_private = DEFAULT_SAFE_PRIVATE
-    if settings.safe_private_allowlist is not None:
-        try:
-            safe_private = load_allowlist(settings.safe_private_allowlist)
-        except SafePrivateError as exc:
-            raise _fail(str(exc)) from exc
-    config = EngineConfig(
-        options=options,
-        secret=secret,
-        site_prefix=settings.site_id,
-        shift_min_days=settings.date_shift_min_days,
-        shift_max_days=settings.date_shift_max_days,
-        safe_private=safe_private,
-    )
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
     workers = jobs or os.cpu_count() or 1
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    report_path = report or settings.runs_dir / f"deid-{stamp}-{os.getpid()}.jsonl"
-    vault = Vault(settings.vault_path, vault_key)
-
-    total = count_files([src], exclude=dst)
-    progress = Progress(
-        TextColumn("[bold]de-identifying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]:>8.1f} files/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet,
-    )
-    task = progress.add_task("deid", total=total, rate=0.0)
-    started = time.perf_counter()
-
-    def on_progress(_: FileOutcome) -> None:
-        elapsed = max(time.perf_counter() - started, 1e-6)
-        done = progress.tasks[0].completed + 1
-        progress.update(task, advance=1, rate=done / elapsed)
-
-    with progress:
-        summary = run([src], dst, config, workers, vault, report_path, on_progress)
+    report_path = _report_path(settings, "deid", report)
+    with _progress("de-identifying", count_files([src], exclude=dst), quiet) as advance:
+        summary = run([src], dst, config, workers, vault, report_path, advance)
     print_summary(summary, dst, workers)
     if not summary.ok:
         err.print(
@@ -143,9 +148,121 @@ def deid(
         raise typer.Exit(1)
 
 
-def print_summary(summary: RunSummary, dst: Path, workers: int) -> None:
-    """The closing summary of a de-identification run."""
-    table = Table(title="De-identification summary", show_header=False, box=None)
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    jobs: JobsOption = 0,
+    home: HomeOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """De-identify and index PATHS into the node: idempotent, safe to interrupt.
+
+    Exit status 0 when every readable DICOM file was taken in (unreadable files are
+    quarantined with their reason); 1 when some readable files could not be.
+    """
+    from node.intake.ingest import ingest as take_in
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise _fail(f'Argument "paths": {", ".join(missing)} does not exist.')
+    settings = _settings(home)
+    try:
+        config = engine_config(settings)
+        index = open_index(settings)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    workers = jobs or settings.ingest_jobs or os.cpu_count() or 1
+    report_path = _report_path(settings, "ingest", None)
+    total = count_files(paths, exclude=settings.store_dir)
+    with _progress("ingesting", total, quiet) as advance:
+        result = take_in(paths, settings, index, config, workers, report_path, advance)
+    print_summary(result.run, settings.store_dir, workers, title="Ingest summary")
+    recorded = result.recorded
+    out.print(
+        f"  index: {recorded.instances} new instance(s), {recorded.unchanged} already indexed, "
+        f"{len(recorded.studies_created)} new stud(ies), {recorded.quarantined} new quarantine "
+        "entr(ies)"
+    )
+    counts = index.counts()
+    out.print(
+        f"  node now holds {counts.instances} instance(s) in {counts.studies} stud(ies); "
+        f"{counts.quarantined} quarantined"
+    )
+    if not result.run.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    home: HomeOption = None,
+    api_port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM port (default 11112).")] = None,
+) -> None:
+    """Run the node: the HTTP API and web UI, and the DICOM listener (C-STORE, C-ECHO)."""
+    from node.serve import serve as run_node
+
+    overrides: dict[str, int] = {}
+    if api_port is not None:
+        overrides["api_port"] = api_port
+    if dicom_port is not None:
+        overrides["dicom_port"] = dicom_port
+    try:
+        settings = load_settings(home, **overrides)
+        run_node(settings)
+    except ValueError as exc:
+        raise _fail(f"invalid node settings: {exc}") from exc
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
+    role: Annotated[str, typer.Option(help="Role: operator.")] = "operator",
+    home: HomeOption = None,
+) -> None:
+    """Create an API token and print it (only its hash is kept: this is the one time)."""
+    settings = _settings(home)
+    try:
+        token = open_index(settings).create_token(name, role, actor="cli")
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    typer.echo(token)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, home: HomeOption = None) -> None:
+    """Revoke an API token by name."""
+    settings = _settings(home)
+    try:
+        open_index(settings).revoke_token(name, actor="cli")
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print(f"token {name} revoked")
+
+
+@audit_app.command("verify")
+def audit_verify(home: HomeOption = None) -> None:
+    """Recompute the audit chain; name the first broken entry (exit 1) or say it holds."""
+    settings = _settings(home)
+    try:
+        index = open_index(settings)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    with index.db.read() as session:
+        result = audit.verify(session)
+    if result.ok:
+        out.print(f"audit log intact: {result.entries} entries")
+        return
+    err.print(f"[bold red]audit log broken at entry {result.broken_at}:[/] {result.reason}")
+    raise typer.Exit(1)
+
+
+def print_summary(
+    summary: RunSummary, dst: Path, workers: int, title: str = "De-identification summary"
+) -> None:
+    """The closing summary of a de-identification or ingest run."""
+    table = Table(title=title, show_header=False, box=None)
     table.add_row("files seen", str(summary.seen))
     table.add_row("written", str(summary.written))
     table.add_row("already present (identical)", str(summary.unchanged))
@@ -160,9 +277,9 @@ def print_summary(summary: RunSummary, dst: Path, workers: int) -> None:
     table.add_row("output", str(dst))
     table.add_row("report", str(summary.report_path))
     out.print(table)
-    for title, reasons in (
+    for heading, reasons in (
         ("quarantined", summary.quarantine_reasons),
         ("failed", summary.failure_reasons),
     ):
         for code, count in reasons.most_common():
-            out.print(f"  {title}: {count} × {code} — e.g. {summary.examples.get(code, '')}")
+            out.print(f"  {heading}: {count} × {code} — e.g. {summary.examples.get(code, '')}")

@@ -143,8 +143,11 @@ class Writer:
     in the kernel (``copy_file_range``).
     """
 
-    def __init__(self, dst: Path) -> None:
+    def __init__(self, dst: Path, originals: Path | None = None, durable: bool = False) -> None:
         self.dst = dst
+        self.originals = originals
+        #: fsync each file and its folder before reporting it written (C-STORE needs it).
+        self.durable = durable
         # One scratch folder per process: writers do not contend for one directory.
         self.tmp = dst / TMP_DIR / str(os.getpid())
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,14 @@ class Writer:
         final = self.dst / result.relpath
         parent = str(final.parent)
         if parent not in self._dirs:
+            created = not os.path.isdir(parent)
             os.makedirs(parent, exist_ok=True)
+            if created and self.durable:
+                # New folders must survive a crash too: sync each one's entry upwards.
+                for folder in (final.parent, *final.parent.parents):
+                    if folder == self.dst.parent:
+                        break
+                    _fsync_dir(folder)
             self._dirs.add(parent)
             if len(self._dirs) > 10_000:
                 self._dirs.clear()
@@ -164,13 +174,19 @@ class Writer:
         try:
             try:
                 _write_pieces(fd, result, source_fd)
+                if self.durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             try:
                 os.link(tmp, final)
+                if self.durable:
+                    _fsync_dir(final.parent)
+                self._keep_original(result, source_fd)
                 return "written"
             except FileExistsError:
                 if _same_content(final, result.chunks):
+                    self._keep_original(result, source_fd)
                     return "unchanged"
                 raise DeidError(
                     "conflict",
@@ -179,6 +195,41 @@ class Writer:
                 ) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _keep_original(self, result: DeidResult, source_fd: int | None) -> None:
+        """With the site's keep-originals setting: the source file, beside its copy's name."""
+        if self.originals is None or source_fd is None:
+            return
+        final = self.originals / result.relpath
+        if final.exists():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}.orig"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            size = os.fstat(source_fd).st_size
+            view = (
+                result.source
+                if isinstance(result.source, memoryview)
+                else memoryview(result.source)
+            )
+            _copy_range(source_fd, fd, 0, size, view)
+            os.close(fd)
+            fd = -1
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, final)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_pieces(fd: int, result: DeidResult, source_fd: int | None) -> None:
@@ -344,9 +395,9 @@ def _deidentify_and_publish(
 _worker: tuple[Deidentifier, Writer, bool] | None = None
 
 
-def _init_worker(config: EngineConfig, dst: str, hash_output: bool) -> None:
+def _init_worker(config: EngineConfig, dst: str, hash_output: bool, originals: Path | None) -> None:
     global _worker
-    _worker = (config.build(), Writer(Path(dst)), hash_output)
+    _worker = (config.build(), Writer(Path(dst), originals), hash_output)
 
 
 def _run_batch(sources: list[str]) -> list[FileOutcome]:
@@ -408,6 +459,7 @@ def run(
     on_progress: Callable[[FileOutcome], None] | None = None,
     on_batch: Callable[[list[FileOutcome]], None] | None = None,
     hash_output: bool = False,
+    originals: Path | None = None,
 ) -> RunSummary:
     """De-identify every file under ``sources`` into ``dst``; returns the summary.
 
@@ -456,11 +508,11 @@ def run(
 
         try:
             if jobs <= 1:
-                engine, writer = config.build(), Writer(dst)
+                engine, writer = config.build(), Writer(dst, originals)
                 for path in files:
                     record(process_file(engine, writer, path, hash_output))
             else:
-                _run_pool(files, dst, config, jobs, record, hash_output)
+                _run_pool(files, dst, config, jobs, record, hash_output, originals)
             flush()
         finally:
             _clean_tmp(dst)
@@ -475,6 +527,7 @@ def _run_pool(
     jobs: int,
     record: Callable[[FileOutcome], None],
     hash_output: bool,
+    originals: Path | None,
 ) -> None:
     # Workers fork from a server that has already imported the engine: no per-worker
     # import cost, and no fork of this (threaded, progress-bar drawing) process.
@@ -484,7 +537,7 @@ def _run_pool(
         max_workers=jobs,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(config, str(dst), hash_output),
+        initargs=(config, str(dst), hash_output, originals),
     ) as pool:
         in_flight: set[Future[list[FileOutcome]]] = set()
         batches = _batches(files, BATCH_FILES)

@@ -14,7 +14,9 @@ it (later issues); the de-identification engine only appends.
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import hmac
 import json
 import os
 import struct
@@ -27,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"RADFEDV1"
+FIELD_AAD = b"RADFED-SEALED-FIELD-V1"
 _LEN = struct.Struct("<L")
 _NONCE = 12
 MAX_RECORD = 64 * 1024 * 1024
@@ -68,6 +71,7 @@ class Vault:
         if len(key) != 32:
             raise VaultError("the vault key must be 32 bytes")
         self.path = path
+        self._key = key
         self._aead = AESGCM(key)
         self._known: tuple[int, int] | None = None  # (records, size) after our last append
 
@@ -103,6 +107,24 @@ class Vault:
                     fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def seal(self, text: str) -> str:
+        """Encrypt a short value kept beside the vault (a source path that may name people)."""
+        nonce = os.urandom(_NONCE)
+        sealed = nonce + self._aead.encrypt(nonce, text.encode("utf-8"), FIELD_AAD)
+        return base64.urlsafe_b64encode(sealed).decode("ascii")
+
+    def unseal(self, token: str) -> str:
+        """The value :meth:`seal` encrypted. Callers audit the read."""
+        try:
+            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+            return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], FIELD_AAD).decode("utf-8")
+        except (InvalidTag, ValueError) as exc:
+            raise VaultError("sealed value does not authenticate: wrong key or tampered") from exc
+
+    def fingerprint(self, text: str) -> str:
+        """A keyed, stable digest of a value: equal inputs match, the value stays hidden."""
+        return hmac.new(self._key, b"fingerprint\x00" + text.encode("utf-8"), "sha256").hexdigest()
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every entry, oldest first. Raises VaultError on a wrong key or tampering."""

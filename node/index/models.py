@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -143,8 +144,11 @@ class QuarantineEntry(Base):
     """A file that could not be taken in, with why. The source is sealed (it may name people)."""
 
     __tablename__ = "quarantine"
+    __table_args__ = (UniqueConstraint("fingerprint", "code", name="uq_quarantine_source_code"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    #: Keyed digest of the source (path, or content for DICOM pushes): a rerun adds nothing.
+    fingerprint: Mapped[str] = mapped_column(String(64))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     code: Mapped[str] = mapped_column(String(32), index=True)
     message: Mapped[str] = mapped_column(Text)

@@ -53,6 +53,7 @@ def upgrade() -> None:
     op.create_table(
         "quarantine",
         sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
         sa.Column("at", sa.DateTime(), nullable=False),
         sa.Column("code", sa.String(length=32), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
@@ -62,6 +63,7 @@ def upgrade() -> None:
         sa.Column("size", sa.Integer(), nullable=True),
         sa.Column("kept_as", sa.String(length=300), nullable=True),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("fingerprint", "code", name="uq_quarantine_source_code"),
     )
     with op.batch_alter_table("quarantine", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_quarantine_at"), ["at"], unique=False)

@@ -1,0 +1,1 @@
+"""The node's HTTP API (FastAPI, ``/api/v1``), served by ``radfed node serve``."""

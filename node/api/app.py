@@ -1,0 +1,196 @@
+"""The node API: study search and detail, counts, quarantine, health and metrics.
+
+Errors: service code raises ``NodeError``; ``ERROR_STATUS`` maps its code to the
+HTTP status in one place and every error body is a ``protocols`` ``ErrorBody``.
+Every route but ``/healthz`` and ``/metrics`` needs an operator's API token.
+No documentation UI is served (it would load assets from a CDN); the OpenAPI
+document is at ``/api/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from node.errors import NodeError
+from node.index.store import NodeIndex, StudyQuery
+from node.metrics import NodeMetrics
+from protocols.api.errors import ErrorBody
+from protocols.api.node import (
+    Counts,
+    Health,
+    QuarantinePage,
+    StudyDetail,
+    StudyPage,
+    StudyStatus,
+)
+from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
+
+log = logging.getLogger("radfed.node.api")
+
+#: Error code -> HTTP status; anything else is a 400.
+ERROR_STATUS = {
+    "unauthorized": 401,
+    "forbidden": 403,
+    "study_not_found": 404,
+    "not_found": 404,
+    "invalid_transition": 409,
+    "invalid_request": 422,
+    "bad_sort": 422,
+    "bad_page": 422,
+    "internal": 500,
+}
+bearer = HTTPBearer(auto_error=False)
+
+
+def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
+    body = ErrorBody(code=code, message=message, retryable=retryable)
+    return JSONResponse(status_code=ERROR_STATUS.get(code, 400), content=body.model_dump())
+
+
+def require_operator(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The name of the operator whose API token came with the request."""
+    if credentials is None:
+        raise NodeError("unauthorized", "an API token is required (Authorization: Bearer)")
+    index: NodeIndex = request.app.state.index
+    found = index.check_token(credentials.credentials)
+    if found is None:
+        raise NodeError("unauthorized", "unknown or revoked API token")
+    name, role = found
+    if role != "operator":
+        raise NodeError("forbidden", f"role {role} may not do this")
+    return name
+
+
+Operator = Annotated[str, Depends(require_operator)]
+
+
+def create_app(index: NodeIndex, metrics: NodeMetrics, listener_up: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(
+        title="RadFed node",
+        version=SOFTWARE_VERSION,
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.index = index
+
+    @app.exception_handler(NodeError)
+    async def _node_error(_: Request, exc: NodeError) -> JSONResponse:
+        return _error(exc.code, exc.message, exc.retryable)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f'Argument "{".".join(str(p) for p in e["loc"][1:])}": {e["msg"]}' for e in exc.errors()
+        )
+        return _error("invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = _error(code, str(exc.detail))
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        metrics.errors.labels(kind="api").inc()
+        return _error("internal", "internal error; see the node log", retryable=True)
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        return Health(
+            status="ok",
+            version=SOFTWARE_VERSION,
+            protocol_version=PROTOCOL_VERSION,
+            dicom_listener=listener_up(),
+        )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/studies", response_model=StudyPage)
+    def search_studies(
+        _: Operator,
+        status: Annotated[list[StudyStatus] | None, Query()] = None,
+        pseudonym: str | None = None,
+        modality: str | None = None,
+        body_part: str | None = None,
+        manufacturer: str | None = None,
+        model: str | None = None,
+        study_date_from: dt.date | None = None,
+        study_date_to: dt.date | None = None,
+        rows: int | None = None,
+        columns: int | None = None,
+        pixel_spacing_min: float | None = None,
+        pixel_spacing_max: float | None = None,
+        slice_thickness_min: float | None = None,
+        slice_thickness_max: float | None = None,
+        number_of_frames_min: int | None = None,
+        transfer_syntax: str | None = None,
+        photometric: str | None = None,
+        burned_in_risk: bool | None = None,
+        sort: Literal["study_date", "received_at", "status_at"] = "study_date",
+        order: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> StudyPage:
+        return index.search(
+            StudyQuery(
+                status=tuple(status or ()),
+                pseudonym=pseudonym,
+                modality=modality,
+                body_part=body_part,
+                manufacturer=manufacturer,
+                model=model,
+                study_date_from=study_date_from,
+                study_date_to=study_date_to,
+                rows=rows,
+                columns=columns,
+                pixel_spacing_min=pixel_spacing_min,
+                pixel_spacing_max=pixel_spacing_max,
+                slice_thickness_min=slice_thickness_min,
+                slice_thickness_max=slice_thickness_max,
+                number_of_frames_min=number_of_frames_min,
+                transfer_syntax=transfer_syntax,
+                photometric=photometric,
+                burned_in_risk=burned_in_risk,
+                sort=sort,
+                order=order,
+                limit=limit,
+                offset=offset,
+            )
+        )
+
+    @app.get("/api/v1/studies/{study_uid}", response_model=StudyDetail)
+    def study_detail(study_uid: str, _: Operator) -> StudyDetail:
+        return index.study(study_uid)
+
+    @app.get("/api/v1/counts", response_model=Counts)
+    def counts(_: Operator) -> Counts:
+        return index.counts()
+
+    @app.get("/api/v1/quarantine", response_model=QuarantinePage)
+    def quarantine(
+        _: Operator,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> QuarantinePage:
+        return index.quarantine(limit, offset)
+
+    return app

@@ -1,0 +1,567 @@
+"""Index operations: record what intake produced, and answer the API's questions.
+
+Recording is idempotent: an instance already indexed with the same content is a
+no-op, so a rerun after a crash converges on the index one clean run gives. A
+file that could not be taken in is recorded once per (source, reason) with its
+source sealed — file names may carry names and MRNs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, exists, func, or_, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from node.deid.runner import FileOutcome, InstanceInfo
+from node.deid.vault import Vault
+from node.errors import NodeError
+from node.index import audit
+from node.index.db import Database
+from node.index.lifecycle import transition
+from node.index.models import (
+    ApiToken,
+    Instance,
+    Patient,
+    QuarantineEntry,
+    Series,
+    StatusChange,
+    Study,
+    utcnow,
+)
+from protocols.api.node import (
+    Counts,
+    InstancePublic,
+    QuarantinePage,
+    QuarantinePublic,
+    SeriesPublic,
+    StatusChangePublic,
+    StudyDetail,
+    StudyPage,
+    StudyStatus,
+    StudySummary,
+)
+
+S = StudyStatus
+#: A study that receives instances after a decision goes back to be vetted again.
+REOPEN_ON_NEW_INSTANCES = frozenset({S.HELD, S.APPROVED, S.REJECTED, S.QUEUED, S.FAILED, S.SHARED})
+SORTS = {
+    "study_date": Study.study_date,
+    "received_at": Study.received_at,
+    "status_at": Study.status_at,
+}
+ROLES = ("operator",)
+
+
+@dataclass
+class Recorded:
+    """What recording a batch did."""
+
+    instances: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    studies_created: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """Filters of a study search: a study matches when one of its instances does."""
+
+    status: tuple[StudyStatus, ...] = ()
+    pseudonym: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    study_date_from: dt.date | None = None
+    study_date_to: dt.date | None = None
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing_min: float | None = None
+    pixel_spacing_max: float | None = None
+    slice_thickness_min: float | None = None
+    slice_thickness_max: float | None = None
+    number_of_frames_min: int | None = None
+    transfer_syntax: str | None = None
+    photometric: str | None = None
+    burned_in_risk: bool | None = None
+    sort: str = "study_date"
+    order: Literal["asc", "desc"] = "desc"
+    limit: int = 50
+    offset: int = 0
+
+
+def _parse_date(value: object) -> dt.date | None:
+    text = str(value or "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _text(attributes: dict[str, Any], key: str) -> str | None:
+    value = attributes.get(key)
+    return None if value is None else str(value)[:64]
+
+
+def _number(attributes: dict[str, Any], key: str, kind: type) -> Any:
+    value = attributes.get(key)
+    return kind(value) if isinstance(value, (int, float)) else None
+
+
+class NodeIndex:
+    """The index of one node home."""
+
+    def __init__(self, db: Database, vault: Vault) -> None:
+        self.db = db
+        self.vault = vault
+
+    # -- recording ---------------------------------------------------------------------
+
+    def record(self, outcomes: Iterable[FileOutcome], via: str, actor: str) -> Recorded:
+        """Record a batch of intake outcomes in one transaction."""
+        done = Recorded()
+        with self.db.write() as session:
+            for outcome in outcomes:
+                if outcome.status in ("written", "unchanged") and outcome.instance is not None:
+                    self._record_instance(session, outcome, outcome.instance, via, actor, done)
+                elif outcome.status in ("quarantined", "failed"):
+                    self._quarantine(session, outcome, via, actor, done)
+        return done
+
+    def _record_instance(
+        self,
+        session: Session,
+        outcome: FileOutcome,
+        info: InstanceInfo,
+        via: str,
+        actor: str,
+        done: Recorded,
+    ) -> None:
+        existing = session.scalar(select(Instance).where(Instance.sop_uid == info.sop_instance_uid))
+        if existing is not None:
+            if existing.sha256 == info.sha256:
+                done.unchanged += 1
+                return
+            # The store refuses to overwrite, so this only happens when the index and
+            # the store disagree; record it rather than lose either side.
+            self._add_quarantine(
+                session,
+                "conflict",
+                f"instance {info.sop_instance_uid} already indexed with "
+                "different content: nothing overwritten",
+                via,
+                self.vault.fingerprint(f"conflict:{info.sop_instance_uid}:{info.sha256}"),
+                outcome,
+                actor,
+                done,
+            )
+            return
+        attrs = info.attributes
+        patient = session.scalar(select(Patient).where(Patient.pseudonym == info.pseudonym))
+        if patient is None:
+            patient = Patient(pseudonym=info.pseudonym)
+            session.add(patient)
+            session.flush()
+        study = session.scalar(select(Study).where(Study.study_uid == info.study_instance_uid))
+        now = utcnow()
+        if study is None:
+            study = Study(
+                study_uid=info.study_instance_uid,
+                patient_id=patient.id,
+                study_date=_parse_date(attrs.get("study_date")),
+                status="",
+                status_at=now,
+                received_at=now,
+                updated_at=now,
+                modalities="",
+                series_count=0,
+                instance_count=0,
+                size=0,
+                burned_in_risk=False,
+            )
+            transition(session, study, S.RECEIVED, f"intake:{via}", f"received via {via}")
+            transition(session, study, S.DEIDENTIFIED, "engine", "de-identified")
+            done.studies_created.append(study.study_uid)
+        elif S(study.status) in REOPEN_ON_NEW_INSTANCES:
+            transition(
+                session,
+                study,
+                S.DEIDENTIFIED,
+                "engine",
+                "new instances received after a decision: to be vetted again",
+            )
+        series = session.scalar(select(Series).where(Series.series_uid == info.series_instance_uid))
+        if series is None:
+            series = Series(
+                series_uid=info.series_instance_uid,
+                study_id=study.id,
+                modality=_text(attrs, "modality"),
+                body_part=_text(attrs, "body_part"),
+                manufacturer=_text(attrs, "manufacturer"),
+                model=_text(attrs, "model"),
+                series_number=_number(attrs, "series_number", int),
+                instance_count=0,
+            )
+            session.add(series)
+            session.flush()
+            study.series_count += 1
+        session.add(
+            Instance(
+                sop_uid=info.sop_instance_uid,
+                series_id=series.id,
+                study_id=study.id,
+                sop_class_uid=info.sop_class_uid,
+                instance_number=_number(attrs, "instance_number", int),
+                rows=_number(attrs, "rows", int),
+                columns=_number(attrs, "columns", int),
+                pixel_spacing=_number(attrs, "pixel_spacing", float),
+                slice_thickness=_number(attrs, "slice_thickness", float),
+                number_of_frames=_number(attrs, "number_of_frames", int),
+                transfer_syntax=info.transfer_syntax,
+                photometric=_text(attrs, "photometric"),
+                size=outcome.bytes_out,
+                sha256=info.sha256,
+                burned_in_risk=bool(outcome.risk),
+                risk_reasons=json.dumps(outcome.risk),
+                path=outcome.output,
+                received_via=via,
+                received_at=now,
+            )
+        )
+        series.instance_count += 1
+        study.instance_count += 1
+        study.size += outcome.bytes_out
+        study.burned_in_risk = study.burned_in_risk or bool(outcome.risk)
+        modality = _text(attrs, "modality")
+        if modality:
+            study.modalities = "\\".join(
+                sorted(set(filter(None, study.modalities.split("\\"))) | {modality})
+            )
+        study.updated_at = now
+        session.flush()
+        done.instances += 1
+
+    def _quarantine(
+        self, session: Session, outcome: FileOutcome, via: str, actor: str, done: Recorded
+    ) -> None:
+        code = outcome.code or "unknown"
+        self._add_quarantine(
+            session,
+            code,
+            outcome.reason,
+            via,
+            self.vault.fingerprint(f"{via}:{outcome.source}"),
+            outcome,
+            actor,
+            done,
+        )
+
+    def _add_quarantine(
+        self,
+        session: Session,
+        code: str,
+        message: str,
+        via: str,
+        fingerprint: str,
+        outcome: FileOutcome,
+        actor: str,
+        done: Recorded,
+    ) -> None:
+        statement = (
+            sqlite_insert(QuarantineEntry)
+            .values(
+                fingerprint=fingerprint,
+                at=utcnow(),
+                code=code,
+                message=message,
+                source_kind=via,
+                source_sealed=self.vault.seal(outcome.source),
+                sha256=None,
+                size=outcome.bytes_in or None,
+                kept_as=None,
+            )
+            .on_conflict_do_nothing(index_elements=["fingerprint", "code"])
+        )
+        if session.execute(statement).rowcount:  # type: ignore[attr-defined]
+            audit.append(session, actor, "quarantine", code, via=via, message=message)
+            done.quarantined += 1
+
+    # -- status ---------------------------------------------------------------------------
+
+    def move(self, study_uid: str, target: StudyStatus, actor: str, reason: str) -> None:
+        """A status change asked for by a person or a policy (API, CLI)."""
+        with self.db.write() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                raise NodeError("study_not_found", f"no study {study_uid} in this node's index")
+            transition(session, study, target, actor, reason)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _summary(self, study: Study, pseudonym: str) -> dict[str, Any]:
+        return {
+            "study_instance_uid": study.study_uid,
+            "pseudonym": pseudonym,
+            "study_date": study.study_date,
+            "status": study.status,
+            "status_at": study.status_at,
+            "modalities": [m for m in study.modalities.split("\\") if m],
+            "series_count": study.series_count,
+            "instance_count": study.instance_count,
+            "size": study.size,
+            "burned_in_risk": study.burned_in_risk,
+            "received_at": study.received_at,
+        }
+
+    def search(self, query: StudyQuery) -> StudyPage:
+        """Studies matching the filters, sorted and paginated."""
+        if query.sort not in SORTS:
+            raise NodeError("bad_sort", f'Argument "sort" must be one of {", ".join(SORTS)}.')
+        if not 1 <= query.limit <= 500 or query.offset < 0:
+            raise NodeError("bad_page", 'Argument "limit" must be 1..500 and "offset" >= 0.')
+        conditions = _conditions(query)
+        order = SORTS[query.sort]
+        ordering = (
+            (order.desc(), Study.id.desc())
+            if query.order == "desc"
+            else (order.asc(), Study.id.asc())
+        )
+        with self.db.read() as session:
+            total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0
+            rows = (
+                session.execute(
+                    select(Study, Patient.pseudonym)
+                    .join(Patient, Patient.id == Study.patient_id)
+                    .where(*conditions)
+                    .order_by(*ordering)
+                    .limit(query.limit)
+                    .offset(query.offset)
+                )
+                .tuples()
+                .all()
+            )
+            items = [StudySummary.model_validate(self._summary(s, p)) for s, p in rows]
+        return StudyPage(items=items, total=total, limit=query.limit, offset=query.offset)
+
+    def study(self, study_uid: str) -> StudyDetail:
+        with self.db.read() as session:
+            row = session.execute(
+                select(Study, Patient.pseudonym)
+                .join(Patient, Patient.id == Study.patient_id)
+                .where(Study.study_uid == study_uid)
+            ).first()
+            if row is None:
+                raise NodeError("study_not_found", f"no study {study_uid} in this node's index")
+            study, pseudonym = row
+            series_rows = session.scalars(
+                select(Series).where(Series.study_id == study.id).order_by(Series.series_number)
+            ).all()
+            instances = session.scalars(
+                select(Instance)
+                .where(Instance.study_id == study.id)
+                .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+            ).all()
+            by_series: dict[int, list[InstancePublic]] = {}
+            for inst in instances:
+                by_series.setdefault(inst.series_id, []).append(_instance_public(inst))
+            series = [
+                SeriesPublic(
+                    series_instance_uid=s.series_uid,
+                    modality=s.modality,
+                    body_part=s.body_part,
+                    manufacturer=s.manufacturer,
+                    model=s.model,
+                    series_number=s.series_number,
+                    instance_count=s.instance_count,
+                    instances=by_series.get(s.id, []),
+                )
+                for s in series_rows
+            ]
+            history = [
+                StatusChangePublic(
+                    from_status=c.from_status,
+                    to_status=c.to_status,
+                    actor=c.actor,
+                    reason=c.reason,
+                    at=c.at,
+                )
+                for c in session.scalars(
+                    select(StatusChange)
+                    .where(StatusChange.study_id == study.id)
+                    .order_by(StatusChange.id)
+                )
+            ]
+            return StudyDetail(**self._summary(study, pseudonym), series=series, history=history)
+
+    def counts(self) -> Counts:
+        with self.db.read() as session:
+            by_status = dict(
+                session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
+            )
+            by_modality = dict(
+                session.execute(
+                    select(
+                        func.coalesce(Series.modality, ""), func.sum(Series.instance_count)
+                    ).group_by(Series.modality)
+                ).all()
+            )
+            return Counts(
+                studies=sum(by_status.values()),
+                instances=session.scalar(select(func.count()).select_from(Instance)) or 0,
+                by_status={str(k): int(v) for k, v in by_status.items()},
+                by_modality={str(k): int(v) for k, v in by_modality.items()},
+                quarantined=session.scalar(select(func.count()).select_from(QuarantineEntry)) or 0,
+            )
+
+    def quarantine(self, limit: int = 50, offset: int = 0) -> QuarantinePage:
+        if not 1 <= limit <= 500 or offset < 0:
+            raise NodeError("bad_page", 'Argument "limit" must be 1..500 and "offset" >= 0.')
+        with self.db.read() as session:
+            total = session.scalar(select(func.count()).select_from(QuarantineEntry)) or 0
+            entries = session.scalars(
+                select(QuarantineEntry)
+                .order_by(QuarantineEntry.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            items = [QuarantinePublic.model_validate(e) for e in entries]
+        return QuarantinePage(items=items, total=total, limit=limit, offset=offset)
+
+    def instance_paths(self) -> list[str]:
+        """Every stored path the index refers to (for consistency checks)."""
+        with self.db.read() as session:
+            return list(session.scalars(select(Instance.path)))
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: str, actor: str) -> str:
+        """A new API token; only its hash is kept, so this is the one time it is shown."""
+        if role not in ROLES:
+            raise NodeError("bad_role", f'Argument "role" must be one of {", ".join(ROLES)}.')
+        if not name or len(name) > 64:
+            raise NodeError("bad_name", 'Argument "name" must be 1-64 characters.')
+        token = "rfn_" + secrets.token_urlsafe(32)
+        with self.db.write() as session:
+            if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
+                raise NodeError("token_exists", f'a token named "{name}" exists; revoke it first')
+            session.add(ApiToken(name=name, role=role, token_hash=_token_hash(token)))
+            audit.append(session, actor, "token.create", name, role=role)
+        return token
+
+    def revoke_token(self, name: str, actor: str) -> None:
+        with self.db.write() as session:
+            token = session.scalar(select(ApiToken).where(ApiToken.name == name))
+            if token is None or token.revoked_at is not None:
+                raise NodeError("token_not_found", f'no active token named "{name}"')
+            token.revoked_at = utcnow()
+            audit.append(session, actor, "token.revoke", name)
+
+    def check_token(self, token: str) -> tuple[str, str] | None:
+        """(name, role) of an active token, None otherwise."""
+        with self.db.read() as session:
+            found = session.scalar(
+                select(ApiToken).where(
+                    ApiToken.token_hash == _token_hash(token), ApiToken.revoked_at.is_(None)
+                )
+            )
+            return None if found is None else (found.name, found.role)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _instance_public(inst: Instance) -> InstancePublic:
+    return InstancePublic(
+        sop_instance_uid=inst.sop_uid,
+        sop_class_uid=inst.sop_class_uid,
+        instance_number=inst.instance_number,
+        rows=inst.rows,
+        columns=inst.columns,
+        pixel_spacing=inst.pixel_spacing,
+        slice_thickness=inst.slice_thickness,
+        number_of_frames=inst.number_of_frames,
+        transfer_syntax=inst.transfer_syntax,
+        photometric_interpretation=inst.photometric,
+        size=inst.size,
+        sha256=inst.sha256,
+        burned_in_risk=inst.burned_in_risk,
+        risk_reasons=json.loads(inst.risk_reasons),
+        received_via=inst.received_via,
+        received_at=inst.received_at,
+    )
+
+
+def _conditions(q: StudyQuery) -> list[ColumnElement[bool]]:
+    """A query's filters as conditions over studies."""
+    conditions: list[ColumnElement[bool]] = []
+    if q.status:
+        conditions.append(Study.status.in_([s.value for s in q.status]))
+    if q.study_date_from is not None:
+        conditions.append(Study.study_date >= q.study_date_from)
+    if q.study_date_to is not None:
+        conditions.append(Study.study_date <= q.study_date_to)
+    if q.pseudonym:
+        conditions.append(
+            Study.patient_id.in_(select(Patient.id).where(Patient.pseudonym == q.pseudonym))
+        )
+    series_conditions: list[ColumnElement[bool]] = [
+        column == value
+        for column, value in (
+            (Series.modality, q.modality),
+            (Series.body_part, q.body_part),
+            (Series.manufacturer, q.manufacturer),
+            (Series.model, q.model),
+        )
+        if value is not None
+    ]
+    instance_conditions: list[ColumnElement[bool]] = []
+    if q.rows is not None:
+        instance_conditions.append(Instance.rows == q.rows)
+    if q.columns is not None:
+        instance_conditions.append(Instance.columns == q.columns)
+    if q.pixel_spacing_min is not None:
+        instance_conditions.append(Instance.pixel_spacing >= q.pixel_spacing_min)
+    if q.pixel_spacing_max is not None:
+        instance_conditions.append(Instance.pixel_spacing <= q.pixel_spacing_max)
+    if q.slice_thickness_min is not None:
+        instance_conditions.append(Instance.slice_thickness >= q.slice_thickness_min)
+    if q.slice_thickness_max is not None:
+        instance_conditions.append(Instance.slice_thickness <= q.slice_thickness_max)
+    if q.number_of_frames_min is not None:
+        frames = Instance.number_of_frames >= q.number_of_frames_min
+        # A single-frame image has no Number of Frames: it counts as one.
+        instance_conditions.append(
+            or_(frames, Instance.number_of_frames.is_(None))
+            if q.number_of_frames_min <= 1
+            else frames
+        )
+    if q.transfer_syntax is not None:
+        instance_conditions.append(Instance.transfer_syntax == q.transfer_syntax)
+    if q.photometric is not None:
+        instance_conditions.append(Instance.photometric == q.photometric)
+    if q.burned_in_risk is not None:
+        instance_conditions.append(Instance.burned_in_risk.is_(q.burned_in_risk))
+    if instance_conditions:
+        conditions.append(
+            exists(
+                select(Instance.id)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.study_id == Study.id, *series_conditions, *instance_conditions)
+            )
+        )
+    elif series_conditions:
+        conditions.append(
+            exists(select(Series.id).where(Series.study_id == Study.id, *series_conditions))
+        )
+    return conditions
