@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -65,9 +66,14 @@ def serve(settings: NodeSettings) -> None:
             lifespan="on",
         )
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down; these
+    # handlers receive it, so the listener and the index are closed before exiting 0.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: stopped_by.append(number))
     try:
         server.run()
     finally:
         listener.stop()
         index.db.close()
-        log.info("node stopped")
+        log.info("node stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

@@ -128,3 +128,87 @@ def iod_errors(path: Path) -> set[str]:
         line = re.sub(r"0x[0-9a-fA-F]+", "0x", line)
         errors.add(re.sub(r"[0-9][0-9.]*", "N", line).strip())
     return errors
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NodeProcess:
+    """``radfed node serve`` as a real process on 127.0.0.1, started and stopped by a test."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.api_port = free_port()
+        self.dicom_port = free_port()
+        self.env = env or {}
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = home / "serve.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        import time
+
+        import httpx
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                *RADFED,
+                "node",
+                "serve",
+                "--home",
+                str(self.home),
+                "--api-port",
+                str(self.api_port),
+                "--dicom-port",
+                str(self.dicom_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("a"),
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"node did not come up in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: the node must stop cleanly."""
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("node did not stop on SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()

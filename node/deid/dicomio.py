@@ -24,6 +24,11 @@ SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 UNDEFINED: Final = 0xFFFFFFFF
 PIXEL_DATA: Final = 0x7FE00010
 MAX_DEPTH: Final = 64
+#: More elements than this in one data set is junk, not DICOM (the largest real headers
+#: hold tens of thousands): refuse it rather than walk gigabytes of it.
+MAX_ELEMENTS: Final = 1_000_000
+#: Trailing zero padding is accepted when it is no longer than this.
+MAX_PADDING: Final = 1 << 20
 
 LONG_VRS: Final = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UR", "UT", "UN", "SV", "UV"}
@@ -41,10 +46,12 @@ class DicomFormatError(Exception):
     ``code`` is one of ``not_dicom``, ``truncated``, ``malformed``.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, position: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: Byte offset where the structure stopped making sense, when known.
+        self.position = position
 
 
 class Encoding(NamedTuple):
@@ -135,11 +142,15 @@ def read_dataset(
     append = elements.append
     while pos < end:
         if pos + 8 > end:
-            if not in_item and depth == 0 and not any(buf[pos:end]):
+            if not in_item and depth == 0 and _zeros(buf, pos, end):
                 return elements, end  # zero padding after the last element
-            raise DicomFormatError("truncated", f"element header cut short at byte {pos}")
+            raise DicomFormatError("truncated", f"element header cut short at byte {pos}", pos)
         group, elem = unpack_tag(buf, pos)
         tag = group << 16 | elem
+        if tag == 0 and not in_item and depth == 0 and _zeros(buf, pos, end):
+            return elements, end  # zero padding after the last element
+        if len(elements) >= MAX_ELEMENTS:
+            raise DicomFormatError("malformed", f"more than {MAX_ELEMENTS} elements", pos)
         if group == 0xFFFE:
             if tag == ITEM_DELIMITER and in_item:
                 return elements, pos + 8
@@ -159,7 +170,7 @@ def read_dataset(
                 vr = ""
             if vr not in KNOWN_VRS:
                 raise DicomFormatError(
-                    "malformed", f"invalid VR {bytes(buf[pos + 4 : pos + 6])!r} at byte {pos}"
+                    "malformed", f"invalid VR {bytes(buf[pos + 4 : pos + 6])!r} at byte {pos}", pos
                 )
             if vr in LONG_VRS:
                 if pos + 12 > end:
@@ -193,6 +204,11 @@ def read_dataset(
     if in_item:
         raise DicomFormatError("truncated", "item without its delimiter")
     return elements, pos
+
+
+def _zeros(buf: bytes | memoryview, pos: int, end: int) -> bool:
+    """Whether ``buf[pos:end]`` is (short) zero padding."""
+    return end - pos <= MAX_PADDING and bytes(buf[pos:end]).count(0) == end - pos
 
 
 def read_items(

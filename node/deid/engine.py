@@ -381,8 +381,8 @@ class Deidentifier:
         try:
             elements, _ = io.read_dataset(part.dataset, part.start, len(part.dataset), part.enc)
         except DicomFormatError as first:
-            if part.enc.implicit or not part.enc.little:
-                raise
+            if part.enc.implicit or not part.enc.little or first.position != part.start:
+                raise  # only a data set whose very first element is not explicit VR
             # Some writers declare explicit VR and write implicit: read it as it is.
             try:
                 elements, _ = io.read_dataset(

@@ -396,6 +396,9 @@ _worker: tuple[Deidentifier, Writer, bool] | None = None
 
 
 def _init_worker(config: EngineConfig, dst: str, hash_output: bool, originals: Path | None) -> None:
+    from node.deid.pool_guard import die_with_parent
+
+    die_with_parent()  # the worker's parent is the fork server
     global _worker
     _worker = (config.build(), Writer(Path(dst), originals), hash_output)
 
@@ -431,8 +434,8 @@ def iter_files(src: Path, exclude: Path | None = None) -> Iterator[str]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.path)
-                elif entry.is_file():
-                    yield entry.path
+                elif entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
+                    yield entry.path  # a dangling link too: it is reported unreadable
             except OSError:
                 continue
         stack.extend(reversed(dirs))
@@ -532,7 +535,7 @@ def _run_pool(
     # Workers fork from a server that has already imported the engine: no per-worker
     # import cost, and no fork of this (threaded, progress-bar drawing) process.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["node.deid.runner"])
+    context.set_forkserver_preload(["node.deid.pool_guard", "node.deid.runner"])
     with ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=context,

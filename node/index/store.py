@@ -338,18 +338,14 @@ class NodeIndex:
         )
         with self.db.read() as session:
             total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0
-            rows = (
-                session.execute(
-                    select(Study, Patient.pseudonym)
-                    .join(Patient, Patient.id == Study.patient_id)
-                    .where(*conditions)
-                    .order_by(*ordering)
-                    .limit(query.limit)
-                    .offset(query.offset)
-                )
-                .tuples()
-                .all()
-            )
+            rows = session.execute(
+                select(Study, Patient.pseudonym)
+                .join(Patient, Patient.id == Study.patient_id)
+                .where(*conditions)
+                .order_by(*ordering)
+                .limit(query.limit)
+                .offset(query.offset)
+            ).all()
             items = [StudySummary.model_validate(self._summary(s, p)) for s, p in rows]
         return StudyPage(items=items, total=total, limit=query.limit, offset=query.offset)
 

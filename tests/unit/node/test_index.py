@@ -1,0 +1,250 @@
+"""The node index: recording, idempotency, lifecycle, search, audit chain, tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+
+from node.errors import NodeError
+from node.index import audit
+from node.index.lifecycle import TRANSITIONS, LifecycleError
+from node.index.models import AuditEntry, Study
+from node.index.store import NodeIndex, StudyQuery
+from node.intake.ingest import ingest
+from node.settings import NodeSettings, load_settings
+from node.site import engine_config, open_index
+from protocols.api.node import StudyStatus
+from radfed.synth.site import write_site_corpus
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> NodeSettings:
+    return load_settings(tmp_path / "home")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "export"
+    write_site_corpus(root, patients=2, ct_slices=3, ct_size=32, cr_size=32)
+    (root / "notes.txt").write_text("not DICOM")
+    return root
+
+
+def take_in(settings: NodeSettings, index: NodeIndex, *paths: Path) -> None:
+    ingest(
+        list(paths), settings, index, engine_config(settings), 1, settings.runs_dir / "test.jsonl"
+    )
+
+
+@pytest.fixture
+def index(settings: NodeSettings, corpus: Path) -> NodeIndex:
+    idx = open_index(settings)
+    take_in(settings, idx, corpus)
+    return idx
+
+
+def test_everything_is_recorded_once(
+    index: NodeIndex, settings: NodeSettings, corpus: Path
+) -> None:
+    counts = index.counts()
+
+    # 2 patients x (CT study with 3 slices + SR, and a radiograph study (+ US for patient 0))
+    assert counts.instances == 2 * (3 + 1 + 1) + 1
+    assert counts.studies == 4
+    assert counts.by_status == {"deidentified": 4}
+    assert counts.by_modality == {"CT": 6, "SR": 2, "CR": 1, "DX": 1, "US": 1}
+    assert counts.quarantined == 1
+
+    take_in(settings, index, corpus)  # the same folder again: nothing changes
+
+    assert index.counts() == counts
+
+
+def test_index_refers_only_to_files_in_the_store(index: NodeIndex, settings: NodeSettings) -> None:
+    paths = index.instance_paths()
+    assert paths
+    assert all((settings.store_dir / p).is_file() for p in paths)
+
+
+def test_a_study_records_its_history(index: NodeIndex) -> None:
+    page = index.search(StudyQuery(modality="CT"))
+    detail = index.study(page.items[0].study_instance_uid)
+
+    assert [(c.from_status, c.to_status) for c in detail.history] == [
+        (None, StudyStatus.RECEIVED),
+        (StudyStatus.RECEIVED, StudyStatus.DEIDENTIFIED),
+    ]
+    assert detail.history[0].actor == "intake:folder"
+    assert {s.modality for s in detail.series} == {"CT", "SR"}
+    ct = next(s for s in detail.series if s.modality == "CT")
+    assert [i.instance_number for i in ct.instances] == [1, 2, 3]
+    assert all(len(i.sha256) == 64 and i.rows == 32 for i in ct.instances)
+
+
+def test_search_filters_sorts_and_pages(index: NodeIndex) -> None:
+    everything = index.search(StudyQuery(limit=500))
+    first = index.search(StudyQuery(limit=1, offset=0, sort="study_date", order="asc"))
+    second = index.search(StudyQuery(limit=1, offset=1, sort="study_date", order="asc"))
+
+    assert everything.total == 4
+    assert first.total == 4 and len(first.items) == 1
+    dates = sorted(s.study_date for s in everything.items if s.study_date)
+    assert first.items[0].study_date == dates[0] and second.items[0].study_date == dates[1]
+    assert index.search(StudyQuery(modality="US")).total == 1
+    assert index.search(StudyQuery(burned_in_risk=True)).total == 1
+    assert index.search(StudyQuery(rows=32, modality="CT")).total == 2
+    assert index.search(StudyQuery(rows=512)).total == 0
+    assert index.search(StudyQuery(body_part="CHEST", manufacturer="AGFA")).total == 2
+    assert index.search(StudyQuery(status=(StudyStatus.APPROVED,))).total == 0
+    assert index.search(StudyQuery(study_date_from=dt.date(2100, 1, 1))).total == 0
+    assert index.search(StudyQuery(slice_thickness_min=2.0, slice_thickness_max=3.0)).total == 2
+    assert index.search(StudyQuery(photometric="MONOCHROME1")).total == 2
+
+
+def test_bad_search_arguments_are_named(index: NodeIndex) -> None:
+    with pytest.raises(NodeError, match='"sort"'):
+        index.search(StudyQuery(sort="name"))
+    with pytest.raises(NodeError, match='"limit"'):
+        index.search(StudyQuery(limit=0))
+
+
+def test_transitions_follow_the_lifecycle(index: NodeIndex) -> None:
+    uid = index.search(StudyQuery(limit=1)).items[0].study_instance_uid
+
+    index.move(uid, StudyStatus.HELD, "policy", "burned-in risk")
+    index.move(uid, StudyStatus.APPROVED, "reviewer:ann", "checked")
+    with pytest.raises(LifecycleError, match="approved -> shared is not an allowed"):
+        index.move(uid, StudyStatus.SHARED, "someone", "")
+    index.move(uid, StudyStatus.WITHDRAWN, "site", "patient asked")
+    with pytest.raises(LifecycleError):
+        index.move(uid, StudyStatus.APPROVED, "reviewer:ann", "")
+
+    history = index.study(uid).history
+    assert [c.to_status for c in history][-3:] == ["held", "approved", "withdrawn"]
+    assert history[-2].actor == "reviewer:ann" and history[-2].reason == "checked"
+
+
+def test_the_lifecycle_table_is_closed() -> None:
+    statuses = set(StudyStatus)
+    assert set(TRANSITIONS) == statuses | {None}
+    assert all(targets <= statuses for targets in TRANSITIONS.values())
+    assert TRANSITIONS[StudyStatus.WITHDRAWN] == frozenset()
+    for status in statuses - {StudyStatus.WITHDRAWN}:
+        assert StudyStatus.WITHDRAWN in TRANSITIONS[status]  # a site can always withdraw
+
+
+def test_new_instances_after_approval_reopen_the_study(
+    index: NodeIndex, settings: NodeSettings, tmp_path: Path
+) -> None:
+    more = tmp_path / "more"
+    write_site_corpus(
+        more, patients=1, ct_slices=4, ct_size=32, cr_size=32, seed=5, with_us=False, with_sr=False
+    )
+    take_in(settings, index, more)
+    uid = next(
+        s.study_instance_uid
+        for s in index.search(StudyQuery(limit=500)).items
+        if s.instance_count == 4 and s.modalities == ["CT"]
+    )
+    index.move(uid, StudyStatus.APPROVED, "policy", "clean CT")
+    extra = tmp_path / "extra"
+    write_site_corpus(
+        extra, patients=1, ct_slices=5, ct_size=32, cr_size=32, seed=5, with_us=False, with_sr=False
+    )  # same seed: the same study, one more slice
+
+    take_in(settings, index, extra)
+
+    study = index.study(uid)
+    assert study.instance_count == 5
+    assert study.status == StudyStatus.DEIDENTIFIED
+    assert "to be vetted again" in study.history[-1].reason
+
+
+def test_audit_chain_holds_and_names_a_tampered_entry(index: NodeIndex) -> None:
+    with index.db.read() as session:
+        assert audit.verify(session).ok
+        actions = session.scalars(select(AuditEntry.action).order_by(AuditEntry.seq)).all()
+    assert len(actions) >= 9  # 4 studies x 2 transitions + 1 quarantine
+    assert set(actions) == {"study.status", "quarantine"}
+
+    # The database itself refuses edits...
+    with pytest.raises(DBAPIError, match="append-only"), index.db.write() as session:
+        session.execute(text("UPDATE audit_log SET actor = 'mallory' WHERE seq = 3"))
+    # ...so a tamperer goes around it, straight at the file.
+    raw = sqlite3.connect(index.db.path)
+    raw.execute("DROP TRIGGER audit_log_no_update")
+    raw.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 3")
+    raw.commit()
+    raw.close()
+
+    with index.db.read() as session:
+        result = audit.verify(session)
+    assert result.broken_at == 3 and "does not match" in result.reason
+
+
+def test_a_deleted_entry_is_named(index: NodeIndex) -> None:
+    raw = sqlite3.connect(index.db.path)
+    raw.execute("DROP TRIGGER audit_log_no_delete")
+    raw.execute("DELETE FROM audit_log WHERE seq = 2")
+    raw.commit()
+    raw.close()
+
+    with index.db.read() as session:
+        result = audit.verify(session)
+    assert result.broken_at == 2 and "missing" in result.reason
+
+
+def test_status_changes_and_their_audit_entries_commit_together(index: NodeIndex) -> None:
+    uid = index.search(StudyQuery(limit=1)).items[0].study_instance_uid
+    with index.db.read() as session:
+        before = session.scalar(select(AuditEntry.seq).order_by(AuditEntry.seq.desc()).limit(1))
+
+    with pytest.raises(LifecycleError):
+        index.move(uid, StudyStatus.SHARED, "someone", "not allowed")
+
+    with index.db.read() as session:
+        after = session.scalar(select(AuditEntry.seq).order_by(AuditEntry.seq.desc()).limit(1))
+        status = session.scalar(select(Study.status).where(Study.study_uid == uid))
+    assert after == before and status == "deidentified"
+
+
+def test_quarantine_is_listed_with_its_reason_and_the_source_sealed(index: NodeIndex) -> None:
+    page = index.quarantine()
+
+    assert page.total == 1
+    entry = page.items[0]
+    assert entry.code == "not_dicom" and "no DICM prefix" in entry.message
+    with index.db.read() as session:
+        sealed = session.execute(text("SELECT source_sealed FROM quarantine")).scalar_one()
+    assert "notes.txt" not in sealed and index.vault.unseal(sealed).endswith("notes.txt")
+
+
+def test_tokens_are_stored_hashed_and_can_be_revoked(index: NodeIndex) -> None:
+    token = index.create_token("alice", "operator", actor="test")
+
+    assert index.check_token(token) == ("alice", "operator")
+    assert index.check_token(token + "x") is None
+    with index.db.read() as session:
+        stored = session.execute(text("SELECT token_hash FROM api_tokens")).scalar_one()
+    assert token not in stored
+    with pytest.raises(NodeError, match="exists"):
+        index.create_token("alice", "operator", actor="test")
+    index.revoke_token("alice", actor="test")
+    assert index.check_token(token) is None
+    with pytest.raises(NodeError, match='"role"'):
+        index.create_token("bob", "superuser", actor="test")
+
+
+def test_migrations_match_the_models(index: NodeIndex) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from node.index.models import Base
+
+    with index.db.writer.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
