@@ -97,6 +97,31 @@ class Series(Base):
     model: Mapped[str | None] = mapped_column(String(64))
     series_number: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The image attributes searches filter on, as the series' first instance has them;
+    # ``uniform`` stays true while every instance agrees, so a search can answer from
+    # the series alone and look at instances only in the rare mixed series.
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    burned_in_risk: Mapped[bool] = mapped_column(Boolean, default=False)
+    uniform: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+#: The attributes a series summarises for searches (instance column = series column).
+SERIES_IMAGE_ATTRIBUTES = (
+    "rows",
+    "columns",
+    "pixel_spacing",
+    "slice_thickness",
+    "number_of_frames",
+    "transfer_syntax",
+    "photometric",
+    "burned_in_risk",
+)
 
 
 class Instance(Base):

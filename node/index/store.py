@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -211,10 +211,22 @@ class NodeIndex:
                 model=_text(attrs, "model"),
                 series_number=_number(attrs, "series_number", int),
                 instance_count=0,
+                burned_in_risk=False,
+                uniform=True,
             )
             session.add(series)
             session.flush()
             study.series_count += 1
+        image = {
+            "rows": _number(attrs, "rows", int),
+            "columns": _number(attrs, "columns", int),
+            "pixel_spacing": _number(attrs, "pixel_spacing", float),
+            "slice_thickness": _number(attrs, "slice_thickness", float),
+            "number_of_frames": _number(attrs, "number_of_frames", int),
+            "transfer_syntax": info.transfer_syntax,
+            "photometric": _text(attrs, "photometric"),
+            "burned_in_risk": bool(outcome.risk),
+        }
         session.add(
             Instance(
                 sop_uid=info.sop_instance_uid,
@@ -222,22 +234,21 @@ class NodeIndex:
                 study_id=study.id,
                 sop_class_uid=info.sop_class_uid,
                 instance_number=_number(attrs, "instance_number", int),
-                rows=_number(attrs, "rows", int),
-                columns=_number(attrs, "columns", int),
-                pixel_spacing=_number(attrs, "pixel_spacing", float),
-                slice_thickness=_number(attrs, "slice_thickness", float),
-                number_of_frames=_number(attrs, "number_of_frames", int),
-                transfer_syntax=info.transfer_syntax,
-                photometric=_text(attrs, "photometric"),
                 size=outcome.bytes_out,
                 sha256=info.sha256,
-                burned_in_risk=bool(outcome.risk),
                 risk_reasons=json.dumps(outcome.risk),
                 path=outcome.output,
                 received_via=via,
                 received_at=now,
+                **image,
             )
         )
+        if series.instance_count == 0:
+            for name, value in image.items():
+                setattr(series, name, value)
+            series.uniform = True
+        elif series.uniform and any(getattr(series, n) != v for n, v in image.items()):
+            series.uniform = False
         series.instance_count += 1
         study.instance_count += 1
         study.size += outcome.bytes_out
@@ -498,6 +509,25 @@ def _instance_public(inst: Instance) -> InstancePublic:
     )
 
 
+def _image(table: Any, filters: list[tuple[str, str, object]]) -> list[ColumnElement[bool]]:
+    """Image-attribute filters over the columns of ``table`` (Series or Instance)."""
+    out: list[ColumnElement[bool]] = []
+    for name, op, value in filters:
+        column = getattr(table, name)
+        if op == "==":
+            out.append(column == value)
+        elif op == ">=":
+            out.append(column >= value)
+        elif op == "<=":
+            out.append(column <= value)
+        elif op == "is":
+            out.append(column.is_(value))
+        else:  # frames: a single-frame image has no Number of Frames and counts as one
+            frames = column >= value
+            out.append(or_(frames, column.is_(None)) if int(str(value)) <= 1 else frames)
+    return out
+
+
 def _conditions(q: StudyQuery) -> list[ColumnElement[bool]]:
     """A query's filters as conditions over studies."""
     conditions: list[ColumnElement[bool]] = []
@@ -521,42 +551,35 @@ def _conditions(q: StudyQuery) -> list[ColumnElement[bool]]:
         )
         if value is not None
     ]
-    instance_conditions: list[ColumnElement[bool]] = []
-    if q.rows is not None:
-        instance_conditions.append(Instance.rows == q.rows)
-    if q.columns is not None:
-        instance_conditions.append(Instance.columns == q.columns)
-    if q.pixel_spacing_min is not None:
-        instance_conditions.append(Instance.pixel_spacing >= q.pixel_spacing_min)
-    if q.pixel_spacing_max is not None:
-        instance_conditions.append(Instance.pixel_spacing <= q.pixel_spacing_max)
-    if q.slice_thickness_min is not None:
-        instance_conditions.append(Instance.slice_thickness >= q.slice_thickness_min)
-    if q.slice_thickness_max is not None:
-        instance_conditions.append(Instance.slice_thickness <= q.slice_thickness_max)
-    if q.number_of_frames_min is not None:
-        frames = Instance.number_of_frames >= q.number_of_frames_min
-        # A single-frame image has no Number of Frames: it counts as one.
-        instance_conditions.append(
-            or_(frames, Instance.number_of_frames.is_(None))
-            if q.number_of_frames_min <= 1
-            else frames
-        )
-    if q.transfer_syntax is not None:
-        instance_conditions.append(Instance.transfer_syntax == q.transfer_syntax)
-    if q.photometric is not None:
-        instance_conditions.append(Instance.photometric == q.photometric)
-    if q.burned_in_risk is not None:
-        instance_conditions.append(Instance.burned_in_risk.is_(q.burned_in_risk))
-    if instance_conditions:
-        conditions.append(
+    # Image attributes are asked of the series summary where the series is uniform,
+    # and of its instances only where it is not: a search reads series, not images.
+    image_filters: list[tuple[str, str, object]] = []
+    for name, op, value in (
+        ("rows", "==", q.rows),
+        ("columns", "==", q.columns),
+        ("pixel_spacing", ">=", q.pixel_spacing_min),
+        ("pixel_spacing", "<=", q.pixel_spacing_max),
+        ("slice_thickness", ">=", q.slice_thickness_min),
+        ("slice_thickness", "<=", q.slice_thickness_max),
+        ("number_of_frames", ">=frames", q.number_of_frames_min),
+        ("transfer_syntax", "==", q.transfer_syntax),
+        ("photometric", "==", q.photometric),
+        ("burned_in_risk", "is", q.burned_in_risk),
+    ):
+        if value is not None:
+            image_filters.append((name, op, value))
+    if image_filters:
+        on_series = and_(Series.uniform.is_(True), *_image(Series, image_filters))
+        on_instances = and_(
+            Series.uniform.is_(False),
             exists(
-                select(Instance.id)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Instance.study_id == Study.id, *series_conditions, *instance_conditions)
-            )
+                select(Instance.id).where(
+                    Instance.series_id == Series.id, *_image(Instance, image_filters)
+                )
+            ),
         )
-    elif series_conditions:
+        series_conditions.append(or_(on_series, on_instances))
+    if series_conditions:
         conditions.append(
             exists(select(Series.id).where(Series.study_id == Study.id, *series_conditions))
         )

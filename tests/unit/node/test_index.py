@@ -248,3 +248,28 @@ def test_migrations_match_the_models(index: NodeIndex) -> None:
 
     with index.db.writer.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_a_mixed_series_is_searched_instance_by_instance(
+    settings: NodeSettings, tmp_path: Path
+) -> None:
+    import pydicom
+
+    corpus = tmp_path / "mixed"
+    write_site_corpus(corpus, patients=1, ct_slices=3, ct_size=32, cr_size=32, seed=9,
+                      with_us=False, with_sr=False)
+    odd = sorted(corpus.rglob("CT/*.dcm"))[-1]
+    ds = pydicom.dcmread(odd)
+    ds.Rows, ds.Columns = 16, 64  # same pixel count, different shape
+    ds.save_as(odd)
+    index = open_index(settings)
+
+    take_in(settings, index, corpus)
+
+    with index.db.read() as session:
+        uniform = session.execute(text("SELECT uniform FROM series WHERE modality = 'CT'"))
+        assert uniform.scalar_one() == 0
+    assert index.search(StudyQuery(rows=16)).total == 1
+    assert index.search(StudyQuery(rows=32, modality="CT")).total == 1
+    assert index.search(StudyQuery(rows=16, columns=32)).total == 0  # no instance has both
+    assert index.search(StudyQuery(rows=16, columns=64)).total == 1
