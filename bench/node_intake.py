@@ -215,6 +215,7 @@ def bench_cstore(workdir: Path, count: int) -> list[str]:
     datasets = [pydicom.dcmread(p) for p in files]
     size = sum(p.stat().st_size for p in files)
     results: dict[str, list[float]] = {"plain SCP (writes files)": [], "radfed node serve": []}
+    drained: list[float] = []
     for _ in range(2):
         scratch = workdir / "cstore-run"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -250,13 +251,15 @@ def bench_cstore(workdir: Path, count: int) -> list[str]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        health = f"http://127.0.0.1:{api}/healthz"
         try:
-            wait_for(
-                lambda: httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=1).is_success,
-                "radfed node serve",
-            )
+            wait_for(lambda url=health: httpx.get(url, timeout=1).is_success, "radfed node serve")
             os.sync()
+            started = time.perf_counter()
             results["radfed node serve"].append(send(dicom, "RADFED", datasets))
+            while httpx.get(health, timeout=10).json()["pending_instances"]:
+                time.sleep(0.05)
+            drained.append(time.perf_counter() - started)
         finally:
             node.terminate()
             node.wait(60)
@@ -271,6 +274,7 @@ def bench_cstore(workdir: Path, count: int) -> list[str]:
             f"{size / 1e6 / seconds:.0f} |"
         )
     ratio = rate["radfed node serve"] / rate["plain SCP (writes files)"]
+    taken_in = statistics.median(drained)
     return [
         f"{count} CT 512×512 over one association on 127.0.0.1 (max PDU unlimited); "
         "median of 2. The node acknowledges each instance only once it is de-identified, "
@@ -281,6 +285,10 @@ def bench_cstore(workdir: Path, count: int) -> list[str]:
         *rows,
         "",
         f"Node / plain SCP: **{ratio:.0%}** (target ≥ 70%: {'met' if ratio >= 0.7 else 'NOT met'})",
+        "",
+        f"Every instance is acknowledged once checked, spooled and fsynced; all {count} were "
+        f"also de-identified, stored and indexed {taken_in:.2f} s after the first was sent "
+        f"({count / taken_in:.0f} instances/s end to end).",
     ]
 
 

@@ -61,7 +61,9 @@ class _IndexCollector(Collector):
         yield GaugeMetricFamily(
             "radfed_node_quarantined", "Quarantine entries.", value=counts.quarantined
         )
-        spooled = sum(1 for _ in self.spool.glob("*.dcm")) if self.spool.exists() else 0
+        pending = sum(1 for _ in self.spool.glob("*.dcm")) if self.spool.exists() else 0
         yield GaugeMetricFamily(
-            "radfed_node_spool_files", "Received instances not yet recorded.", value=spooled
+            "radfed_node_spool_pending",
+            "Instances acknowledged over DICOM and waiting to be taken in.",
+            value=pending,
         )

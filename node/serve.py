@@ -55,7 +55,7 @@ def serve(settings: NodeSettings) -> None:
     listener = DicomListener(settings, index, engine_config(settings), metrics)
     host, port = listener.start()
     log.info(json.dumps({"event": "listening", "dicom": f"{host}:{port}"}))
-    app = create_app(index, metrics, lambda: listener.running)
+    app = create_app(index, metrics, lambda: listener.running, listener.pending)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -97,7 +97,7 @@ class NodeSettings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
-        """Instances received over DICOM, until de-identified and recorded."""
+        """Instances received over DICOM and acknowledged, until taken in."""
         return self.home / "spool"
 
     @property

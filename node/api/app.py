@@ -77,7 +77,12 @@ def require_operator(
 Operator = Annotated[str, Depends(require_operator)]
 
 
-def create_app(index: NodeIndex, metrics: NodeMetrics, listener_up: Callable[[], bool]) -> FastAPI:
+def create_app(
+    index: NodeIndex,
+    metrics: NodeMetrics,
+    listener_up: Callable[[], bool],
+    pending: Callable[[], int],
+) -> FastAPI:
     app = FastAPI(
         title="RadFed node",
         version=SOFTWARE_VERSION,
@@ -118,6 +123,7 @@ def create_app(index: NodeIndex, metrics: NodeMetrics, listener_up: Callable[[],
             version=SOFTWARE_VERSION,
             protocol_version=PROTOCOL_VERSION,
             dicom_listener=listener_up(),
+            pending_instances=pending(),
         )
 
     @app.get("/metrics")

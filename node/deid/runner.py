@@ -331,12 +331,19 @@ def process_file(
         os.close(fd)
 
 
+def process_data(
+    engine: Deidentifier, writer: Writer, data: bytes, source: str, hash_output: bool = False
+) -> FileOutcome:
+    """:func:`process_file` for bytes already in memory (an instance received over DICOM)."""
+    return _deidentify_and_publish(engine, writer, source, data, None, len(data), hash_output)
+
+
 def _deidentify_and_publish(
     engine: Deidentifier,
     writer: Writer,
     source: str,
     data: bytes | memoryview,
-    fd: int,
+    fd: int | None,
     size: int,
     hash_output: bool,
 ) -> FileOutcome:
@@ -395,12 +402,17 @@ def _deidentify_and_publish(
 _worker: tuple[Deidentifier, Writer, bool] | None = None
 
 
-def _init_worker(config: EngineConfig, dst: str, hash_output: bool, originals: Path | None) -> None:
+def _init_worker(
+    config: EngineConfig, dst: str, hash_output: bool, originals: Path | None, durable: bool
+) -> None:
     from node.deid.pool_guard import die_with_parent
 
     die_with_parent()  # the worker's parent is the fork server
+    if durable:
+        # The listener's drain: receiving (what a sender waits on) goes first.
+        os.nice(10)
     global _worker
-    _worker = (config.build(), Writer(Path(dst), originals), hash_output)
+    _worker = (config.build(), Writer(Path(dst), originals, durable), hash_output)
 
 
 def _run_batch(sources: list[str]) -> list[FileOutcome]:
@@ -523,6 +535,51 @@ def run(
     return summary
 
 
+def _executor(
+    config: EngineConfig,
+    dst: Path,
+    jobs: int,
+    hash_output: bool,
+    originals: Path | None,
+    durable: bool = False,
+) -> ProcessPoolExecutor:
+    # Workers fork from a server that has already imported the engine: no per-worker
+    # import cost, and no fork of this (threaded, progress-bar drawing) process.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["node.deid.pool_guard", "node.deid.runner"])
+    return ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config, str(dst), hash_output, originals, durable),
+    )
+
+
+class IntakePool:
+    """A long-lived pool of de-identification workers (the DICOM listener's spool drain)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        dst: Path,
+        jobs: int,
+        originals: Path | None = None,
+        durable: bool = True,
+    ) -> None:
+        self._executor = _executor(config, dst, jobs, True, originals, durable)
+
+    def process(self, sources: list[str]) -> list[FileOutcome]:
+        """Process files (hashed, indexable outcomes), in the order given."""
+        futures = [
+            self._executor.submit(_run_batch, sources[i : i + BATCH_FILES])
+            for i in range(0, len(sources), BATCH_FILES)
+        ]
+        return [outcome for future in futures for outcome in future.result()]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_pool(
     files: Iterator[str],
     dst: Path,
@@ -532,16 +589,7 @@ def _run_pool(
     hash_output: bool,
     originals: Path | None,
 ) -> None:
-    # Workers fork from a server that has already imported the engine: no per-worker
-    # import cost, and no fork of this (threaded, progress-bar drawing) process.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["node.deid.pool_guard", "node.deid.runner"])
-    with ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(config, str(dst), hash_output, originals),
-    ) as pool:
+    with _executor(config, dst, jobs, hash_output, originals) as pool:
         in_flight: set[Future[list[FileOutcome]]] = set()
         batches = _batches(files, BATCH_FILES)
         exhausted = False

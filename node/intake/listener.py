@@ -1,11 +1,15 @@
 """The node's DICOM listener: the PACS pushes (C-STORE) and checks (C-ECHO) here.
 
-A received instance takes exactly the path of a folder import: it is spooled to a
-file (fsynced), de-identified into the store by the same engine and writer
-(fsynced), its re-identification record appended to the vault and its row
-committed to the index — and only then is C-STORE success returned. An instance
-that cannot be taken in is quarantined with its reason (the spooled file kept in
-the node's quarantine folder) and refused with 0xC000, so the sender knows.
+Receiving and taking in are two steps, so a PACS never waits on the index:
+
+1. On C-STORE the instance is checked by the de-identification engine (what the
+   engine would refuse is refused now, 0xC000 with the reason, and quarantined),
+   then written to the spool and fsynced with its folder entry. Only then is
+   success returned: from that moment the instance survives a crash.
+2. A drain thread takes the spool in batches through exactly the path of a folder
+   import — the same runner, engine and writer (fsynced), the vault, then one
+   index transaction per batch — and removes each spool file once its outcome is
+   committed. At start-up whatever a crash left in the spool is taken in first.
 
 Storage SOP classes are accepted with the common transfer syntaxes (implicit and
 explicit little endian, big endian, deflate, JPEG baseline/extended/lossless,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -29,7 +34,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.deid.runner import EngineConfig, FileOutcome, Writer, process_file
+from node.deid.dicomio import DicomFormatError
+from node.deid.engine import DeidError
+from node.deid.runner import EngineConfig, FileOutcome, IntakePool
 from node.index.store import NodeIndex
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -56,10 +63,12 @@ TRANSFER_SYNTAXES = [
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
+DRAIN_BATCH = 256
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class DicomListener:
-    """A threaded storage SCP feeding the node's intake."""
+    """A threaded storage SCP feeding the node's intake through its spool."""
 
     def __init__(
         self,
@@ -71,15 +80,14 @@ class DicomListener:
         self.settings = settings
         self.index = index
         self.metrics = metrics
-        self.engine = config.build()
-        self.writer = Writer(
-            settings.store_dir,
-            settings.originals_dir if settings.keep_originals else None,
-            durable=True,
-        )
+        self.config = config
+        self.checker = config.build()
+        self._check_lock = threading.Lock()  # the engine is not thread-safe
         self.spool = settings.spool_dir
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = threading.Lock()  # one instance recorded at a time: one index writer
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._drainer: threading.Thread | None = None
         self._server: ThreadedAssociationServer | None = None
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = 0  # unlimited: several times faster for large images
@@ -96,8 +104,9 @@ class DicomListener:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
-        """Start listening; returns the address actually bound (port 0 picks one)."""
-        self.recover_spool()
+        """Start draining and listening; returns the address bound (port 0 picks one)."""
+        self._drainer = threading.Thread(target=self._drain_loop, name="spool-drain")
+        self._drainer.start()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -120,17 +129,21 @@ class DicomListener:
         return self._server is not None
 
     def stop(self) -> None:
+        """Stop listening, finish the batch in hand, stop draining."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        self._stopping.set()
+        self._wake.set()
+        if self._drainer is not None:
+            self._drainer.join(120)
 
-    def recover_spool(self) -> None:
-        """Take in what a crash left in the spool (idempotent: it was never acknowledged)."""
-        for path in sorted(self.spool.glob("*.dcm")):
-            self.take_in(path, calling_ae="(recovered)")
+    def pending(self) -> int:
+        """Instances received and acknowledged but not yet taken in (the queue)."""
+        return sum(1 for _ in self.spool.glob("*.dcm"))
 
-    # -- handlers ----------------------------------------------------------------------
+    # -- receiving --------------------------------------------------------------------
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -142,61 +155,115 @@ class DicomListener:
     def _on_store(self, event: Any) -> int | Dataset:
         started = time.perf_counter()
         calling = str(event.assoc.requestor.ae_title).strip()
+        data = event.encoded_dataset(include_meta=True)
+        status = self.receive(data, calling)
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        return status
+
+    def receive(self, data: bytes, calling_ae: str) -> int | Dataset:
+        """Check, spool durably, acknowledge: the C-STORE status to return."""
         try:
-            path = self._spool(event.encoded_dataset(include_meta=True))
+            with self._check_lock:
+                self.checker.deidentify(data)
+        except (DicomFormatError, DeidError) as exc:
+            return self._refuse(data, exc.code, exc.message, calling_ae)
+        except (ValueError, OverflowError, UnicodeError, MemoryError) as exc:
+            return self._refuse(data, "malformed", f"{type(exc).__name__}: {exc}", calling_ae)
+        try:
+            self._spool_write(data, calling_ae)
         except OSError as exc:
             log.error("cannot spool a received instance: %s", exc.strerror or exc)
             self.metrics.errors.labels(kind="spool").inc()
             return OUT_OF_RESOURCES
-        status = self.take_in(path, calling)
-        self.metrics.store_seconds.observe(time.perf_counter() - started)
-        return status
+        self.metrics.received.labels(via="dicom", result="accepted").inc()
+        self._wake.set()
+        return SUCCESS
 
-    def _spool(self, data: bytes) -> Path:
-        path = self.spool / f"{time.time_ns()}-{secrets.token_hex(6)}.dcm"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _spool_write(self, data: bytes, calling_ae: str) -> Path:
+        sender = _UNSAFE.sub("_", calling_ae)[:16] or "UNKNOWN"
+        path = self.spool / f"{time.time_ns():020d}-{secrets.token_hex(4)}-{sender}.dcm"
+        _write_durably(path, data)
+        _fsync_dir(self.spool)
         return path
 
-    def take_in(self, path: Path, calling_ae: str) -> int | Dataset:
-        """The folder-import path for one spooled file; the C-STORE status to return."""
-        with self._lock:
-            outcome = process_file(self.engine, self.writer, str(path), hash_output=True)
-            if outcome.status in ("quarantined", "failed"):
-                return self._refuse(path, outcome, calling_ae)
-            try:
-                if outcome.record is not None:
-                    self.index.vault.append([outcome.record])
-                done = self.index.record([outcome], via="dicom", actor=f"dicom:{calling_ae}")
-            except Exception:
-                log.exception("recording a received instance failed")
-                self.metrics.errors.labels(kind="record").inc()
-                return OUT_OF_RESOURCES
-            path.unlink(missing_ok=True)
-            result = "recorded" if done.instances else "duplicate"
-            self.metrics.received.labels(via="dicom", result=result).inc()
-            return SUCCESS
-
-    def _refuse(self, path: Path, outcome: FileOutcome, calling_ae: str) -> Dataset:
-        """Quarantine a received instance: keep the file on the node, tell the sender why."""
+    def _refuse(self, data: bytes, code: str, reason: str, calling_ae: str) -> Dataset:
+        """Quarantine a received instance now: keep its bytes on the node, tell the sender."""
         quarantine = self.settings.quarantine_dir
         quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
-        kept = quarantine / path.name
-        shutil.move(str(path), kept)
-        outcome.source = str(kept)
+        kept = quarantine / f"{time.time_ns():020d}-{secrets.token_hex(4)}.dcm"
+        outcome = FileOutcome(
+            str(kept), "quarantined", code=code, reason=reason, bytes_in=len(data)
+        )
         try:
+            _write_durably(kept, data)
             self.index.record([outcome], via="dicom", actor=f"dicom:{calling_ae}")
         except Exception:
-            log.exception("recording a quarantined instance failed")
-        self.metrics.received.labels(via="dicom", result=outcome.status).inc()
-        log.warning("refused an instance from %s: %s", calling_ae, outcome.code)
+            log.exception("recording a refused instance failed")
+        self.metrics.received.labels(via="dicom", result="refused").inc()
+        log.warning("refused an instance from %s: %s", calling_ae, code)
         status = Dataset()
         status.Status = CANNOT_UNDERSTAND
-        status.ErrorComment = f"{outcome.code}: {outcome.reason}"[:64]
+        status.ErrorComment = f"{code}: {reason}"[:64]
         return status
+
+    # -- taking in --------------------------------------------------------------------
+
+    def _drain_loop(self) -> None:
+        pool = IntakePool(
+            self.config,
+            self.settings.store_dir,
+            self.settings.ingest_jobs or os.cpu_count() or 1,
+            self.settings.originals_dir if self.settings.keep_originals else None,
+        )
+        try:
+            while True:
+                batch = sorted(self.spool.glob("*.dcm"))[:DRAIN_BATCH]
+                if batch:
+                    self._drain(pool, batch)
+                    continue
+                if self._stopping.is_set():
+                    return
+                self._wake.wait(1.0)
+                self._wake.clear()
+        except Exception:
+            log.exception("the spool drain stopped; received instances wait in the spool")
+            self.metrics.errors.labels(kind="drain").inc()
+        finally:
+            pool.close()
+
+    def _drain(self, pool: IntakePool, batch: list[Path]) -> None:
+        outcomes = pool.process([str(p) for p in batch])
+        quarantine = self.settings.quarantine_dir
+        for path, outcome in zip(batch, outcomes, strict=True):
+            if outcome.status in ("quarantined", "failed"):
+                quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+                kept = quarantine / path.name
+                shutil.move(str(path), kept)
+                outcome.source = str(kept)
+        self.index.vault.append([o.record for o in outcomes if o.record is not None])
+        done = self.index.record(outcomes, via="dicom", actor="intake:dicom")
+        for path in batch:
+            path.unlink(missing_ok=True)  # committed: the spool copy is no longer needed
+        self.metrics.received.labels(via="dicom", result="recorded").inc(done.instances)
+        self.metrics.received.labels(via="dicom", result="duplicate").inc(done.unchanged)
+        if done.quarantined:
+            self.metrics.received.labels(via="dicom", result="quarantined").inc(done.quarantined)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

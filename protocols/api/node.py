@@ -120,3 +120,6 @@ class Health(_Model):
     version: str
     protocol_version: str
     dicom_listener: bool
+    pending_instances: int = Field(
+        description="received over DICOM, acknowledged, not yet taken in"
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import time
 from pathlib import Path
 
 import httpx
@@ -83,13 +84,26 @@ def api(node: NodeProcess, token: str, path: str, **params: object) -> httpx.Res
     )
 
 
+def taken_in(node: NodeProcess, token: str, instances: int, timeout: float = 60) -> dict:
+    """Counts once the node has taken in ``instances`` and its spool is empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = api(node, token, "counts").json()
+        pending = httpx.get(f"{node.url}/healthz", timeout=10).json()["pending_instances"]
+        if (counts["instances"] + counts["quarantined"] >= instances and not pending) or (
+            time.monotonic() > deadline
+        ):
+            return counts
+        time.sleep(0.2)
+
+
 def test_a_pushed_study_is_found_through_the_api(node: NodeProcess, token: str) -> None:
     datasets = study()
 
     statuses = push(node, datasets)
 
     assert statuses == [0] * len(datasets)
-    counts = api(node, token, "counts").json()
+    counts = taken_in(node, token, len(datasets))
     assert counts["instances"] == 8 and counts["studies"] == 1
     assert counts["by_modality"] == {"CT": 7, "SR": 1}
     page = api(node, token, "studies", modality="CT").json()
@@ -111,6 +125,7 @@ def test_a_pushed_study_is_found_through_the_api(node: NodeProcess, token: str) 
 def test_what_is_stored_is_de_identified(node: NodeProcess, token: str) -> None:
     datasets = study(seed=4)
     push(node, datasets)
+    taken_in(node, token, len(datasets))
 
     stored = list((node.home / "store").rglob("*.dcm"))
 
@@ -156,7 +171,7 @@ def test_an_acknowledged_instance_survives_a_crash(node: NodeProcess, token: str
 
     node.kill()  # SIGKILL: no chance to flush anything
     with NodeProcess(node.home) as restarted:
-        counts = api(restarted, token, "counts").json()
+        counts = taken_in(restarted, token, len(datasets))
 
     assert counts["instances"] == len(datasets)
     assert all((node.home / "store" / p).exists() for p in _paths(node.home))
@@ -229,7 +244,7 @@ def test_the_node_stops_cleanly_and_resumes_its_spool(tmp_path: Path, token: str
 
     assert node.stop() == 0
     with NodeProcess(node.home) as again:
-        counts = api(again, token, "counts").json()
+        counts = taken_in(again, token, 1)
 
     assert counts["instances"] == 1  # taken in at start-up
     assert not list(spool.glob("*.dcm"))

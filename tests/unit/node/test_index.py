@@ -256,8 +256,16 @@ def test_a_mixed_series_is_searched_instance_by_instance(
     import pydicom
 
     corpus = tmp_path / "mixed"
-    write_site_corpus(corpus, patients=1, ct_slices=3, ct_size=32, cr_size=32, seed=9,
-                      with_us=False, with_sr=False)
+    write_site_corpus(
+        corpus,
+        patients=1,
+        ct_slices=3,
+        ct_size=32,
+        cr_size=32,
+        seed=9,
+        with_us=False,
+        with_sr=False,
+    )
     odd = sorted(corpus.rglob("CT/*.dcm"))[-1]
     ds = pydicom.dcmread(odd)
     ds.Rows, ds.Columns = 16, 64  # same pixel count, different shape
