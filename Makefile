@@ -45,6 +45,7 @@ test: install system-deps lint typecheck audit unit
 bench: install
 	$(BIN)/python bench/deid.py
 	$(BIN)/python bench/deid_memory.py
+	$(BIN)/python bench/node_intake.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py

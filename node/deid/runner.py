@@ -39,6 +39,9 @@ from protocols.deid.safe_private import SafePrivateKey
 MMAP_THRESHOLD = 256 * 1024
 COPY_THRESHOLD = 64 * 1024
 BATCH_FILES = 8
+#: Batches queued per worker: enough that workers keep busy while the parent records a
+#: batch in the index, few enough that memory stays flat.
+IN_FLIGHT_PER_WORKER = 16
 VAULT_BATCH = 512
 FLUSH_SECONDS = 1.0
 TMP_DIR = ".radfed-tmp"
@@ -594,7 +597,7 @@ def _run_pool(
         batches = _batches(files, BATCH_FILES)
         exhausted = False
         while True:
-            while not exhausted and len(in_flight) < jobs * 4:
+            while not exhausted and len(in_flight) < jobs * IN_FLIGHT_PER_WORKER:
                 batch = next(batches, None)
                 if batch is None:
                     exhausted = True
