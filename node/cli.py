@@ -34,8 +34,10 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="API tokens of the node's operators.", no_args_is_help=True)
 audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Files the node could not take in.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+app.add_typer(quarantine_app, name="quarantine")
 out = Console()
 err = Console(stderr=True)
 
@@ -176,7 +178,9 @@ def ingest(
     total = count_files(paths, exclude=settings.store_dir)
     with _progress("ingesting", total, quiet) as advance:
         result = take_in(paths, settings, index, config, workers, report_path, advance)
-    print_summary(result.run, settings.store_dir, workers, title="Ingest summary")
+    print_summary(
+        result.run, settings.store_dir, workers, title="Ingest summary (de-identification + index)"
+    )
     recorded = result.recorded
     out.print(
         f"  index: {recorded.instances} new instance(s), {recorded.unchanged} already indexed, "
@@ -256,6 +260,45 @@ def audit_verify(home: HomeOption = None) -> None:
         return
     err.print(f"[bold red]audit log broken at entry {result.broken_at}:[/] {result.reason}")
     raise typer.Exit(1)
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    home: HomeOption = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """The newest quarantine entries with their reasons (sources stay sealed)."""
+    settings = _settings(home)
+    page = open_index(settings).quarantine(limit, offset)
+    table = Table(title=f"Quarantine ({page.total} entries)")
+    for column in ("id", "at", "code", "via", "reason"):
+        table.add_column(column)
+    for entry in page.items:
+        table.add_row(
+            str(entry.id),
+            f"{entry.at:%Y-%m-%d %H:%M}",
+            entry.code,
+            entry.source_kind,
+            entry.message,
+        )
+    out.print(table)
+
+
+@quarantine_app.command("source")
+def quarantine_source(
+    entry: Annotated[int, typer.Argument(help="Quarantine entry id (see `quarantine list`).")],
+    reason: Annotated[str, typer.Option(help="Why you need it (recorded in the audit log).")],
+    home: HomeOption = None,
+) -> None:
+    """Unseal where a quarantined file came from. The read is audited."""
+    from node.index.originals import quarantine_source as unseal
+
+    settings = _settings(home)
+    try:
+        typer.echo(unseal(open_index(settings), entry, actor="cli", purpose=reason))
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
 
 
 def print_summary(

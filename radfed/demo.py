@@ -1,9 +1,9 @@
 """``radfed demo``: the main job on one machine.
 
-Today it runs the stage of the flow that exists — a synthetic PHI-laden site
-corpus is generated and de-identified by the node, and the summary printed.
-Enrollment, vetting, sharing, the registry and federated training join it as
-their issues land.
+Today it runs the stages of the flow that exist — a synthetic PHI-laden site
+corpus is generated, then taken into a node (de-identified, stored, indexed,
+bad files quarantined), and the summaries printed. Enrollment, vetting,
+sharing, the registry and federated training join it as their issues land.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from node.cli import deid
+from node.cli import ingest
 
 app = typer.Typer(help="Run the whole flow on one machine with synthetic data.")
 out = Console()
@@ -31,7 +31,7 @@ def demo(
     ct_slices: Annotated[int, typer.Option(min=1, help="Slices per CT series.")] = 24,
     jobs: Annotated[int, typer.Option(min=0, help="Worker processes (0: all cores).")] = 0,
 ) -> None:
-    """Generate a synthetic site and de-identify it, printing the summary."""
+    """Generate a synthetic site and take it into a node, printing the summaries."""
     if ctx.invoked_subcommand is not None:
         return
     from radfed.synth.site import write_site_corpus  # numpy + pydicom: only when generating
@@ -49,18 +49,13 @@ def demo(
         f"  {len(corpus.files)} DICOM files with planted PHI, plus one file that is not DICOM"
     )
     (site_dir / "README.txt").write_text("exported by the PACS; not a DICOM file\n")
-    out.print("de-identifying (PS3.15 Basic Profile + site options, deny by default) ...")
-    deid(
-        src=site_dir,
-        dst=base / "site-a" / "deidentified",
-        site_secret_file=None,
-        option=None,
-        basic=False,
-        jobs=jobs,
-        home=base / "site-a" / "node-home",
-        report=None,
-        quiet=False,
+    home = base / "site-a" / "node-home"
+    out.print(
+        "taking it into the node: de-identification (PS3.15 Basic Profile + site options, "
+        "deny by default), store, index ..."
     )
+    ingest(paths=[site_dir], jobs=jobs, home=home, quiet=False)
+    out.print(f"node home: {home} (index {home / 'index.sqlite'}, store {home / 'store'})")
     out.print(
         "[dim]Next stages (vetting, sharing, registry, federated training) arrive with their "
         "issues.[/]"

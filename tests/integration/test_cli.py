@@ -248,12 +248,13 @@ def test_the_report_stays_in_the_node_home(tmp_path: Path) -> None:
     assert "DOE_JOHN" in json.loads(report.read_text().splitlines()[0])["source"]
 
 
-def test_the_demo_runs_the_deidentification_stage(tmp_path: Path) -> None:
+def test_the_demo_runs_the_stages_that_exist(tmp_path: Path) -> None:
     proc = run_cli("demo", "--workdir", str(tmp_path), "--patients", "1", "--ct-slices", "2")
 
     assert proc.returncode == 0, proc.stderr
-    assert "De-identification summary" in proc.stdout
-    outputs = list((tmp_path / "site-a" / "deidentified").rglob("*.dcm"))
+    assert "Ingest summary (de-identification + index)" in proc.stdout
+    assert "node now holds 5 instance(s) in 2 stud(ies); 1 quarantined" in proc.stdout
+    outputs = list((tmp_path / "site-a" / "node-home" / "store").rglob("*.dcm"))
     assert len(outputs) == 5  # 2 CT slices, 1 radiograph, 1 ultrasound, 1 report
     assert all(pydicom.dcmread(p).PatientIdentityRemoved == "YES" for p in outputs)
 
@@ -288,3 +289,20 @@ def test_a_site_allowlist_keeps_its_private_attribute(tmp_path: Path) -> None:
     out = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm")))
     assert out.private_block(0x0019, "ACME 1.0")[0x1A].value == 2.5
     assert (0x0019, 0x101B) not in out
+
+
+def test_quarantine_is_listed_and_its_source_unsealed_on_request(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "DOE_JOHN_notes.txt").write_text("not DICOM")
+    home = str(tmp_path / "home")
+    run_cli("node", "ingest", str(tmp_path / "in"), "--home", home, "-q", check=True)
+
+    listed = run_cli("node", "quarantine", "list", "--home", home, check=True)
+    source = run_cli(
+        "node", "quarantine", "source", "1", "--reason", "locate it", "--home", home, check=True
+    )
+    verified = run_cli("node", "audit", "verify", "--home", home, check=True)
+
+    assert "not_dicom" in listed.stdout and "DOE_JOHN" not in listed.stdout
+    assert source.stdout.strip().endswith("DOE_JOHN_notes.txt")
+    assert "audit log intact: 2 entries" in verified.stdout  # the quarantine and the read

@@ -281,3 +281,29 @@ def test_a_mixed_series_is_searched_instance_by_instance(
     assert index.search(StudyQuery(rows=32, modality="CT")).total == 1
     assert index.search(StudyQuery(rows=16, columns=32)).total == 0  # no instance has both
     assert index.search(StudyQuery(rows=16, columns=64)).total == 1
+
+
+def test_reading_sealed_originals_is_audited(index: NodeIndex) -> None:
+    from node.index.originals import original_identifiers, quarantine_source
+
+    entry = index.quarantine().items[0]
+    some_uid = index.study(index.search(StudyQuery(limit=1)).items[0].study_instance_uid)
+    sop = some_uid.series[0].instances[0].sop_instance_uid
+
+    source = quarantine_source(index, entry.id, actor="ops:ann", purpose="find the file")
+    records = original_identifiers(index, [sop], actor="scanner", purpose="PHI scan")
+
+    assert source.endswith("notes.txt")
+    assert records[sop]["patient_id"].startswith("MRN")
+    with index.db.read() as session:
+        reads = session.execute(
+            select(AuditEntry.actor, AuditEntry.subject, AuditEntry.details)
+            .where(AuditEntry.action == "originals.read")
+            .order_by(AuditEntry.seq)
+        ).all()
+        assert audit.verify(session).ok
+    assert [(r.actor, r.subject) for r in reads] == [
+        ("ops:ann", f"quarantine:{entry.id}"),
+        ("scanner", "vault"),
+    ]
+    assert "find the file" in reads[0].details
