@@ -19,13 +19,12 @@ import os
 import random
 import resource
 import shutil
-import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
+from _tree import timed_tree
 
 from radfed.synth.site import Uids, ct_series, make_patient, write
 
@@ -57,29 +56,6 @@ def corpus(root: Path, count: int) -> Path:
     return folder
 
 
-def peak_rss_mib(argv: list[str]) -> tuple[float, float]:
-    """Run a command; (seconds, peak RSS of any process in its tree, MiB).
-
-    RUSAGE_CHILDREN reports the largest descendant that has been waited for; the
-    forkserver's workers are reaped by the forkserver, itself reaped by radfed, so
-    they count. Each run starts from a fresh interpreter so earlier runs do not
-    leak into the figure.
-    """
-    code = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
-        "print(time.perf_counter() - t, "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
-    ).stdout.split()
-    if out[2] != "0":
-        raise RuntimeError(f"{' '.join(argv)} exited {out[2]}")
-    return float(out[0]), float(out[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="1000,4000,16000")
@@ -95,7 +71,7 @@ def main() -> None:
             scratch = args.workdir / "memory-run"
             shutil.rmtree(scratch, ignore_errors=True)
             os.sync()
-            seconds, rss = peak_rss_mib(
+            seconds, rss = timed_tree(
                 [
                     str(RADFED),
                     "node",

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pydicom
+from _tree import timed_tree
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -80,23 +81,6 @@ def corpus(workdir: Path, count: int, size: int = 512) -> Path:
         patient += 1
     (folder / ".complete").write_text("ok\n")
     return folder
-
-
-def timed_tree(argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB of the largest process of the tree) of a command."""
-    code = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
-        "print(time.perf_counter() - t, "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
-    ).stdout.split()
-    if out[2] != "0":
-        raise RuntimeError(f"{' '.join(argv)} exited {out[2]}")
-    return float(out[0]), float(out[1])
 
 
 def warm(folder: Path) -> int:

@@ -24,7 +24,6 @@ from rich.table import Table
 
 from node.deid.runner import FileOutcome, RunSummary, count_files, run
 from node.errors import NodeError
-from node.index import audit
 from node.settings import NodeSettings, load_settings
 from node.site import engine_config, open_index, open_vault
 from protocols.deid.options import DeidOptionsError
@@ -248,6 +247,8 @@ def token_revoke(name: str, home: HomeOption = None) -> None:
 @audit_app.command("verify")
 def audit_verify(home: HomeOption = None) -> None:
     """Recompute the audit chain; name the first broken entry (exit 1) or say it holds."""
+    from node.index import audit
+
     settings = _settings(home)
     try:
         index = open_index(settings)

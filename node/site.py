@@ -7,16 +7,18 @@ CLI and ``radfed node serve`` report the same thing the same way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.deid import keys
 from node.deid.runner import EngineConfig
 from node.deid.vault import Vault
 from node.errors import NodeError
-from node.index.db import Database
-from node.index.store import NodeIndex
 from node.settings import NodeSettings
 from protocols.deid.options import DeidOptions
 from protocols.deid.safe_private import DEFAULT_SAFE_PRIVATE, SafePrivateError, load_allowlist
+
+if TYPE_CHECKING:  # the index (SQLAlchemy, Alembic) loads only for commands that use it
+    from node.index.store import NodeIndex
 
 
 def engine_config(
@@ -52,5 +54,8 @@ def open_vault(settings: NodeSettings) -> Vault:
 
 def open_index(settings: NodeSettings, vault: Vault | None = None) -> NodeIndex:
     """The node index, migrated to the newest schema."""
+    from node.index.db import Database
+    from node.index.store import NodeIndex
+
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return NodeIndex(Database.open(settings.index_path), vault or open_vault(settings))

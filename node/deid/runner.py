@@ -168,7 +168,7 @@ class Writer:
                 for folder in (final.parent, *final.parent.parents):
                     if folder == self.dst.parent:
                         break
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
             self._dirs.add(parent)
             if len(self._dirs) > 10_000:
                 self._dirs.clear()
@@ -184,7 +184,7 @@ class Writer:
             try:
                 os.link(tmp, final)
                 if self.durable:
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                 self._keep_original(result, source_fd)
                 return "written"
             except FileExistsError:
@@ -227,7 +227,8 @@ class Writer:
             tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new file's name) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

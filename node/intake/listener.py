@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.deid.dicomio import DicomFormatError
 from node.deid.engine import DeidError
-from node.deid.runner import EngineConfig, FileOutcome, IntakePool
+from node.deid.runner import EngineConfig, FileOutcome, IntakePool, fsync_dir
 from node.index.store import NodeIndex
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -183,7 +183,7 @@ class DicomListener:
         sender = _UNSAFE.sub("_", calling_ae)[:16] or "UNKNOWN"
         path = self.spool / f"{time.time_ns():020d}-{secrets.token_hex(4)}-{sender}.dcm"
         _write_durably(path, data)
-        _fsync_dir(self.spool)
+        fsync_dir(self.spool)
         return path
 
     def _refuse(self, data: bytes, code: str, reason: str, calling_ae: str) -> Dataset:
@@ -256,14 +256,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
