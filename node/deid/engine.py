@@ -42,6 +42,10 @@ from protocols.version import DEID_PROFILE_VERSION, SOFTWARE_VERSION
 IMPLEMENTATION_CLASS_UID: Final = b"2.25.166020553740462862658226424106263858957"
 IMPLEMENTATION_VERSION_NAME: Final = ("RADFED_" + SOFTWARE_VERSION).encode("ascii")[:16]
 
+#: VRs whose removed or replaced values the vault keeps for the PHI scanner.
+REMEMBERED_VRS: Final = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE", "DA", "DT"})
+MAX_ORIGINALS: Final = 256
+
 SOP_CLASS_UID: Final = 0x00080016
 SOP_INSTANCE_UID: Final = 0x00080018
 STUDY_INSTANCE_UID: Final = 0x0020000D
@@ -138,6 +142,17 @@ class _Context:
     uids: dict[bytes, bytes] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     overlays_kept: bool = False
+    #: Text the profile took out (names, IDs, dates, addresses...): the node's PHI
+    #: scanner looks for these in the output. Kept in the vault only.
+    originals: dict[str, None] = field(default_factory=dict)
+
+    def remember(self, raw: bytes | memoryview) -> None:
+        if len(self.originals) >= MAX_ORIGINALS:
+            return
+        for value in bytes(raw).split(b"\\"):
+            text = value.strip(b" \x00").decode("latin-1")
+            if 3 <= len(text) <= 256:
+                self.originals[text] = None
 
 
 def _header(tag: int, vr: str, length: int, enc: Encoding) -> bytes:
@@ -235,6 +250,8 @@ class Deidentifier:
                 else:
                     append((tag, el.start, el.end, None))
                     continue
+            if eff in REMEMBERED_VRS and outcome is not Outcome.KEEP_CLASS_UID:
+                ctx.remember(buf[el.vstart : el.vend])
             if outcome is Outcome.REMOVE:
                 continue
             if eff == "SQ":
@@ -302,21 +319,39 @@ class Deidentifier:
             creators[(group, elem)] = (name, el)
             return
         if not self.options.retain_safe_private:
+            if el.vr in REMEMBERED_VRS:
+                ctx.remember(ctx.buf[el.vstart : el.vend])
             return
+        if not self._keep_private(ctx, el, creators, used, out) and el.vr in REMEMBERED_VRS:
+            ctx.remember(ctx.buf[el.vstart : el.vend])
+
+    def _keep_private(
+        self,
+        ctx: _Context,
+        el: Element,
+        creators: dict[tuple[int, int], tuple[str, Element]],
+        used: set[tuple[int, int]],
+        out: list[tuple[int, int, int, bytes | None]],
+    ) -> bool:
+        """Keep a private data element if it is on the safe-private allowlist."""
+        group = el.tag >> 16
+        elem = el.tag & 0xFFFF
         block = (group, elem >> 8)
         creator = creators.get(block)
         if creator is None or el.vr == "SQ":
-            return
+            return False
         low = elem & 0xFF
         vr = el.vr
         if vr == "UN" or vr == "":
             vrs = [k[3] for k in self.profile.safe_private if k[:3] == (creator[0], group, low)]
             if len(vrs) != 1 or not _plausible(ctx.buf[el.vstart : el.vend], vrs[0]):
-                return
+                return False
             vr = vrs[0]
         if self.profile.keeps_private((creator[0], group, low, vr)):
             used.add(block)
             out.append((el.tag, el.start, el.end, None))
+            return True
+        return False
 
     def _sequence(self, ctx: _Context, el: Element, enc: Encoding, depth: int) -> bytes:
         """Rewrite a sequence item by item, keeping its length style."""
@@ -480,6 +515,7 @@ class Deidentifier:
             "pseudonym": pseudonym,
             "date_shift_days": ctx.shift,
             "uids": sorted([k.decode("latin-1"), v.decode()] for k, v in ctx.uids.items()),
+            "originals": list(ctx.originals),
         }
         return DeidResult(
             pieces=pieces,

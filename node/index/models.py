@@ -209,3 +209,103 @@ class ApiToken(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Finding(Base):
+    """Something vetting found in a study: from the PHI scanner, OCR or the coordinator."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    source: Mapped[str] = mapped_column(String(16))
+    severity: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    location: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)
+    excerpt: Mapped[str] = mapped_column(String(200), default="")
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    resolved_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class Review(Base):
+    """A reviewer's decision on a study (two of them when the two-person rule is on)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Mask(Base):
+    """Rectangles blanked in an instance's pixels, from a device rule or a reviewer."""
+
+    __tablename__ = "masks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    rectangles: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(64))
+    by: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    recheck_clean: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Label(Base):
+    """An expert label of a study (RICORD appearance, airspace grading, ...)."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("study_id", "scheme", "name", name="uq_label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    scheme: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(200))
+    import_id: Mapped[int] = mapped_column(ForeignKey("imports.id"))
+
+
+class ClinicalValue(Base):
+    """A clinical variable of a study's patient, de-identified (dates shifted)."""
+
+    __tablename__ = "clinical_values"
+    __table_args__ = (UniqueConstraint("study_id", "variable", name="uq_clinical"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    variable: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(200))
+    import_id: Mapped[int] = mapped_column(ForeignKey("imports.id"))
+
+
+class ImportRun(Base):
+    """One label or clinical import, with what it could not use."""
+
+    __tablename__ = "imports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    matched: Mapped[int] = mapped_column(Integer, default=0)
+    report: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class User(Base):
+    """A person who logs in to the node's web UI (reviewer or operator)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
