@@ -145,11 +145,16 @@ class _Context:
     #: Text the profile took out (names, IDs, dates, addresses...): the node's PHI
     #: scanner looks for these in the output. Kept in the vault only.
     originals: dict[str, None] = field(default_factory=dict)
+    #: Original top-level values the output changed, by tag: the reviewer's header diff.
+    header: dict[str, str] = field(default_factory=dict)
 
-    def remember(self, raw: bytes | memoryview) -> None:
+    def remember(self, raw: bytes | memoryview, tag: int | None = None) -> None:
+        data = bytes(raw)
+        if tag is not None and len(self.header) < MAX_ORIGINALS:
+            self.header[f"{tag:08X}"] = data.strip(b" \x00").decode("latin-1")[:256]
         if len(self.originals) >= MAX_ORIGINALS:
             return
-        for value in bytes(raw).split(b"\\"):
+        for value in data.split(b"\\"):
             text = value.strip(b" \x00").decode("latin-1")
             if 3 <= len(text) <= 256:
                 self.originals[text] = None
@@ -251,7 +256,11 @@ class Deidentifier:
                     append((tag, el.start, el.end, None))
                     continue
             if eff in REMEMBERED_VRS and outcome is not Outcome.KEEP_CLASS_UID:
-                ctx.remember(buf[el.vstart : el.vend])
+                ctx.remember(buf[el.vstart : el.vend], None if nested else tag)
+            elif not nested and eff in ("UI", "AS", "CS", "DS", "IS", "TM"):
+                ctx.header[f"{tag:08X}"] = (
+                    bytes(buf[el.vstart : el.vend]).strip(b" \x00").decode("latin-1")[:256]
+                )
             if outcome is Outcome.REMOVE:
                 continue
             if eff == "SQ":
@@ -516,6 +525,7 @@ class Deidentifier:
             "date_shift_days": ctx.shift,
             "uids": sorted([k.decode("latin-1"), v.decode()] for k, v in ctx.uids.items()),
             "originals": list(ctx.originals),
+            "header": ctx.header,
         }
         return DeidResult(
             pieces=pieces,
