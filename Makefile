@@ -17,14 +17,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# dicom3tools (dciodvfy) validates de-identified objects against the IODs.
+# Debian packages: dicom3tools (dciodvfy validates outputs against the IODs),
+# tesseract-ocr (burned-in text), chromium (the web UI's browser tests).
+SYSTEM_PACKAGES := dicom3tools:dciodvfy tesseract-ocr:tesseract chromium:chromium
 system-deps:
-	@command -v dciodvfy >/dev/null || { \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v "$${pair#*:}" >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO apt-get update -qq && \
-	  $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq dicom3tools >/dev/null; }
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq $$missing >/dev/null; fi
 
-demo: install
+demo: install system-deps
 	$(BIN)/radfed demo
 
 lint: install

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,7 +25,7 @@ from rich.table import Table
 from node.deid.runner import FileOutcome, RunSummary, count_files, run
 from node.errors import NodeError
 from node.settings import NodeSettings, load_settings
-from node.site import engine_config, open_index, open_vault
+from node.site import engine_config, open_index, open_vault, safe_private
 from protocols.deid.options import DeidOptionsError
 
 app = typer.Typer(
@@ -34,7 +34,15 @@ app = typer.Typer(
 token_app = typer.Typer(help="API tokens of the node's operators.", no_args_is_help=True)
 audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
 quarantine_app = typer.Typer(help="Files the node could not take in.", no_args_is_help=True)
+user_app = typer.Typer(help="People who log in to the node's web UI.", no_args_is_help=True)
+labels_app = typer.Typer(help="Expert labels (RICORD) from CSV.", no_args_is_help=True)
+clinical_app = typer.Typer(help="Clinical variables from CSV.", no_args_is_help=True)
+seg_app = typer.Typer(help="CT segmentation masks as DICOM SEG.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+app.add_typer(clinical_app, name="clinical")
+app.add_typer(seg_app, name="seg")
 app.add_typer(token_app, name="token")
+app.add_typer(user_app, name="user")
 app.add_typer(audit_app, name="audit")
 app.add_typer(quarantine_app, name="quarantine")
 out = Console()
@@ -155,6 +163,9 @@ def ingest(
     jobs: JobsOption = 0,
     home: HomeOption = None,
     quiet: QuietOption = False,
+    vetting: Annotated[
+        bool, typer.Option("--vet/--no-vet", help="Vet the new studies afterwards.")
+    ] = True,
 ) -> None:
     """De-identify and index PATHS into the node: idempotent, safe to interrupt.
 
@@ -191,7 +202,93 @@ def ingest(
         f"  node now holds {counts.instances} instance(s) in {counts.studies} stud(ies); "
         f"{counts.quarantined} quarantined"
     )
+    if vetting:
+        vet(home=home)
     if not result.run.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def vet(home: HomeOption = None) -> None:
+    """Vet every study waiting: PHI scan, burned-in text, then approve by policy or hold."""
+    from node.vetting.policy import VettingPolicy
+    from node.vetting.vet import vet_pending
+
+    settings = _settings(home)
+    try:
+        index = open_index(settings)
+        policy = VettingPolicy.load(settings.policy_path)
+        total = vet_pending(index, settings, policy, settings.deid, limit=1_000_000)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print(
+        f"vetted {total.studies} stud(ies): {total.approved} approved by policy, "
+        f"{total.held} held for review, {total.findings} finding(s), {total.masked} masked"
+    )
+
+
+@app.command()
+def scan(
+    path: Annotated[Path, typer.Argument(help="A de-identified DICOM file or folder.")],
+    fail_on: Annotated[
+        str,
+        typer.Option(help="Exit 1 on a finding at or above: info, low, medium, high, critical."),
+    ] = "medium",
+    originals: Annotated[
+        bool, typer.Option(help="Also look for the originals this node keeps in its vault.")
+    ] = True,
+    home: HomeOption = None,
+) -> None:
+    """Scan de-identified DICOM for residual PHI; print every finding with where it is."""
+    from node.deid.runner import iter_files
+    from node.index.originals import original_identifiers
+    from protocols.phi.findings import Severity
+    from protocols.phi.scanner import Originals
+    from protocols.phi.scanner import scan as scan_file
+
+    try:
+        threshold = Severity.parse(fail_on)
+    except ValueError as exc:
+        raise _fail(f'Option "--fail-on": {exc}') from exc
+    if not path.exists():
+        raise _fail(f'Argument "path": {path} does not exist.')
+    settings = _settings(home)
+    files = list(iter_files(path))
+    known = None
+    if originals:
+        import pydicom
+
+        try:
+            index = open_index(settings)
+        except NodeError as exc:
+            raise _fail(exc.message) from exc
+        uids = []
+        for file in files:
+            try:
+                uids.append(str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID))
+            except Exception:  # noqa: S112 - unreadable files are findings of their own below
+                continue
+        records = original_identifiers(index, uids, actor="cli", purpose="radfed node scan")
+        known = Originals.from_records(records.values()) if records else None
+    worst = Severity.INFO
+    shown = 0
+    for file in files:
+        for finding in scan_file(
+            file,
+            settings.deid,
+            site_prefix=settings.site_id,
+            originals=known,
+            safe_private=safe_private(settings),
+        ):
+            shown += 1
+            worst = max(worst, finding.severity)
+            out.print(
+                f"[{finding.severity.name.lower()}] {file}: {finding.kind} at "
+                f"{finding.location}: {finding.message}"
+                + (f" ({finding.excerpt})" if finding.excerpt else "")
+            )
+    out.print(f"{len(files)} file(s) scanned, {shown} finding(s)")
+    if shown and worst >= threshold:
         raise typer.Exit(1)
 
 
@@ -261,6 +358,110 @@ def audit_verify(home: HomeOption = None) -> None:
         return
     err.print(f"[bold red]audit log broken at entry {result.broken_at}:[/] {result.reason}")
     raise typer.Exit(1)
+
+
+@user_app.command("create")
+def user_create(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[str, typer.Option(help="reviewer or operator.")] = "reviewer",
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the password from this file (else prompt).")
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Create a web UI user (the password is stored as a scrypt hash)."""
+    from node.index.users import create_user
+
+    settings = _settings(home)
+    if password_file is not None:
+        password = password_file.read_text(encoding="utf-8").strip()
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        create_user(open_index(settings), name, role, password, actor="cli")
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print(f"user {name} ({role}) created")
+
+
+@user_app.command("disable")
+def user_disable(name: str, home: HomeOption = None) -> None:
+    """Disable a web UI user."""
+    from node.index.users import disable_user
+
+    try:
+        disable_user(open_index(_settings(home)), name, actor="cli")
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print(f"user {name} disabled")
+
+
+def _print_import(report: Any) -> None:
+    """An import report: what was applied and every row or column it could not use."""
+    state = "applied" if report.applied else "[bold red]nothing written[/]"
+    out.print(
+        f"{report.kind} import ({report.key}): {report.rows} row(s), {report.matched} matched, "
+        f"{report.studies} stud(ies), {report.values} value(s) — {state}"
+    )
+    for item in report.unmatched:
+        out.print(f"  row {item.row}: unmatched {item.key} — {item.reason}")
+    for item in report.unparseable:
+        out.print(f"  row {item.row}, {item.column}: {item.reason}")
+    for item in report.ignored_columns:
+        out.print(f"  column {item.column!r} ignored — {item.reason}")
+    for obj in report.objects:
+        out.print(
+            f"  SEG {obj.sop_instance_uid}: {', '.join(obj.segments)}, {obj.frames} "
+            f"frame(s), {obj.status}"
+        )
+
+
+def _run_import(home: Path | None, run: Callable[[Any, NodeSettings], Any]) -> None:
+    settings = _settings(home)
+    try:
+        report = run(open_index(settings), settings)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    _print_import(report)
+    if not report.applied:
+        raise typer.Exit(1)
+
+
+@labels_app.command("import")
+def labels_import(
+    csv_path: Annotated[Path, typer.Argument(help="CSV keyed by accession_number or mrn.")],
+    home: HomeOption = None,
+) -> None:
+    """Import appearance labels and airspace-disease grading (nothing half-imported)."""
+    from node.annotations.importer import import_labels
+
+    _run_import(home, lambda index, _: import_labels(index, csv_path, actor="cli"))
+
+
+@clinical_app.command("import")
+def clinical_import(
+    csv_path: Annotated[Path, typer.Argument(help="CSV keyed by accession_number or mrn.")],
+    home: HomeOption = None,
+) -> None:
+    """Import clinical variables, de-identified with the site's map (dates shifted)."""
+    from node.annotations.importer import import_clinical
+
+    _run_import(
+        home, lambda index, settings: import_clinical(index, csv_path, "cli", settings.deid)
+    )
+
+
+@seg_app.command("import")
+def seg_import(
+    manifest: Annotated[Path, typer.Argument(help="CSV: sop_instance_uid, mask, label.")],
+    home: HomeOption = None,
+) -> None:
+    """Build DICOM SEG objects referencing the de-identified CT images, store and index them."""
+    from node.annotations.seg import import_segmentations
+
+    _run_import(
+        home, lambda index, settings: import_segmentations(index, settings, manifest, "cli")
+    )
 
 
 @quarantine_app.command("list")

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+from functools import partial
 
 import uvicorn
 
@@ -19,6 +20,9 @@ from node.intake.listener import DicomListener
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 from node.site import engine_config, open_index
+from node.vetting.policy import VettingPolicy
+from node.vetting.service import Vetter, render_png, reviewer_mask
+from node.web.routes import mount_web
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,10 +56,15 @@ def serve(settings: NodeSettings) -> None:
     log = logging.getLogger("radfed.node")
     index = open_index(settings)
     metrics = NodeMetrics(index, settings.spool_dir)
-    listener = DicomListener(settings, index, engine_config(settings), metrics)
+    policy = partial(VettingPolicy.load, settings.policy_path)
+    policy()  # a broken policy file stops the node here, with its reason
+    vetter = Vetter(index, settings, policy)
+    listener = DicomListener(settings, index, engine_config(settings), metrics, vetter.wake)
     host, port = listener.start()
+    vetter.start()
     log.info(json.dumps({"event": "listening", "dicom": f"{host}:{port}"}))
-    app = create_app(index, metrics, lambda: listener.running, listener.pending)
+    app = create_app(index, metrics, lambda: listener.running, listener.pending, policy)
+    mount_web(app, index, settings, policy, reviewer_mask(index, settings), render_png)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -75,5 +84,6 @@ def serve(settings: NodeSettings) -> None:
         server.run()
     finally:
         listener.stop()
+        vetter.stop()
         index.db.close()
         log.info("node stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

@@ -60,6 +60,13 @@ class NodeSettings(BaseSettings):
     keep_originals: bool = False
     #: Ingest worker processes (0: all cores).
     ingest_jobs: int = Field(default=0, ge=0)
+    #: The vetting policy (default ``<home>/policy.toml``; built-in defaults if absent).
+    policy_file: Path | None = None
+    #: ``serve`` vets a study once it has received no instance for this long: a PACS
+    #: sends a study series by series, and DICOM has no end-of-study signal.
+    study_stable_seconds: float = Field(default=30.0, ge=0)
+    #: Extra device masking rules (JSON) on top of the ones RadFed ships.
+    mask_rules: Path | None = None
 
     @field_validator("site_id")
     @classmethod
@@ -94,6 +101,10 @@ class NodeSettings(BaseSettings):
     def store_dir(self) -> Path:
         """The de-identified copies the node keeps (``<pseudonym>/<study>/<series>/…``)."""
         return self.home / "store"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.policy_file or self.home / "policy.toml"
 
     @property
     def spool_dir(self) -> Path:

@@ -15,7 +15,12 @@ from node.deid.vault import Vault
 from node.errors import NodeError
 from node.settings import NodeSettings
 from protocols.deid.options import DeidOptions
-from protocols.deid.safe_private import DEFAULT_SAFE_PRIVATE, SafePrivateError, load_allowlist
+from protocols.deid.safe_private import (
+    DEFAULT_SAFE_PRIVATE,
+    SafePrivateError,
+    SafePrivateKey,
+    load_allowlist,
+)
 
 if TYPE_CHECKING:  # the index (SQLAlchemy, Alembic) loads only for commands that use it
     from node.index.store import NodeIndex
@@ -29,20 +34,24 @@ def engine_config(
         secret = keys.site_secret(settings.keys_dir, secret_file)
     except keys.KeyFileError as exc:
         raise NodeError("key_file", str(exc)) from exc
-    safe_private = DEFAULT_SAFE_PRIVATE
-    if settings.safe_private_allowlist is not None:
-        try:
-            safe_private = load_allowlist(settings.safe_private_allowlist)
-        except SafePrivateError as exc:
-            raise NodeError("allowlist", str(exc)) from exc
     return EngineConfig(
         options=options or settings.deid,
         secret=secret,
         site_prefix=settings.site_id,
         shift_min_days=settings.date_shift_min_days,
         shift_max_days=settings.date_shift_max_days,
-        safe_private=safe_private,
+        safe_private=safe_private(settings),
     )
+
+
+def safe_private(settings: NodeSettings) -> frozenset[SafePrivateKey]:
+    """The private attributes this site keeps under Retain Safe Private."""
+    if settings.safe_private_allowlist is None:
+        return DEFAULT_SAFE_PRIVATE
+    try:
+        return load_allowlist(settings.safe_private_allowlist)
+    except SafePrivateError as exc:
+        raise NodeError("allowlist", str(exc)) from exc
 
 
 def open_vault(settings: NodeSettings) -> Vault:

@@ -146,7 +146,9 @@ class NodeProcess:
         self.home = home
         self.api_port = free_port()
         self.dicom_port = free_port()
-        self.env = env or {}
+        # A study is vetted once no instance has come for this long (30 s in a real
+        # node); the tests push whole studies at once, so two seconds is plenty.
+        self.env = {"RADFED_NODE_STUDY_STABLE_SECONDS": "2", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.log = home / "serve.log"
 

@@ -24,15 +24,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from node.errors import NodeError
 from node.index.store import NodeIndex, StudyQuery
 from node.metrics import NodeMetrics
+from node.vetting import review
+from node.vetting.policy import VettingPolicy
 from protocols.api.errors import ErrorBody
 from protocols.api.node import (
     Counts,
+    FindingPublic,
     Health,
     QuarantinePage,
+    ReviewRequest,
+    ReviewResult,
     StudyDetail,
     StudyPage,
     StudyStatus,
 )
+from protocols.phi.findings import Severity
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.node.api")
@@ -41,9 +47,12 @@ log = logging.getLogger("radfed.node.api")
 ERROR_STATUS = {
     "unauthorized": 401,
     "forbidden": 403,
+    "policy_not_saved": 503,
     "study_not_found": 404,
     "not_found": 404,
     "invalid_transition": 409,
+    "already_reviewed": 409,
+    "reason_required": 422,
     "invalid_request": 422,
     "bad_sort": 422,
     "bad_page": 422,
@@ -57,24 +66,40 @@ def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
     return JSONResponse(status_code=ERROR_STATUS.get(code, 400), content=body.model_dump())
 
 
-def require_operator(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The name of the operator whose API token came with the request."""
+def _token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> tuple[str, str]:
     if credentials is None:
         raise NodeError("unauthorized", "an API token is required (Authorization: Bearer)")
     index: NodeIndex = request.app.state.index
     found = index.check_token(credentials.credentials)
     if found is None:
         raise NodeError("unauthorized", "unknown or revoked API token")
-    name, role = found
+    return found
+
+
+def require_operator(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The name of the operator whose API token came with the request."""
+    name, role = _token(request, credentials)
     if role != "operator":
         raise NodeError("forbidden", f"role {role} may not do this")
     return name
 
 
+def require_reviewer(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The name of a reviewer or operator whose API token came with the request."""
+    name, role = _token(request, credentials)
+    if role not in ("operator", "reviewer"):
+        raise NodeError("forbidden", f"role {role} may not do this")
+    return name
+
+
 Operator = Annotated[str, Depends(require_operator)]
+ReviewerToken = Annotated[str, Depends(require_reviewer)]
 
 
 def create_app(
@@ -82,6 +107,7 @@ def create_app(
     metrics: NodeMetrics,
     listener_up: Callable[[], bool],
     pending: Callable[[], int],
+    policy: Callable[[], VettingPolicy] = VettingPolicy,
 ) -> FastAPI:
     app = FastAPI(
         title="RadFed node",
@@ -186,6 +212,30 @@ def create_app(
     @app.get("/api/v1/studies/{study_uid}", response_model=StudyDetail)
     def study_detail(study_uid: str, _: Operator) -> StudyDetail:
         return index.study(study_uid)
+
+    @app.get("/api/v1/studies/{study_uid}/findings", response_model=list[FindingPublic])
+    def study_findings(study_uid: str, _: ReviewerToken) -> list[FindingPublic]:
+        return [
+            FindingPublic(
+                source=str(f["source"]),
+                severity=Severity(int(str(f["severity"]))).name.lower(),
+                kind=str(f["kind"]),
+                location=str(f["location"]),
+                message=str(f["message"]),
+                excerpt=str(f["excerpt"]),
+            )
+            for f in review.open_findings(index, study_uid)
+        ]
+
+    @app.post("/api/v1/studies/{study_uid}/approve", response_model=ReviewResult)
+    def approve(study_uid: str, body: ReviewRequest, who: ReviewerToken) -> ReviewResult:
+        outcome = review.approve(index, policy(), study_uid, who, body.reason)
+        return ReviewResult(status=outcome.status, message=outcome.message)
+
+    @app.post("/api/v1/studies/{study_uid}/reject", response_model=ReviewResult)
+    def reject(study_uid: str, body: ReviewRequest, who: ReviewerToken) -> ReviewResult:
+        outcome = review.reject(index, study_uid, who, body.reason)
+        return ReviewResult(status=outcome.status, message=outcome.message)
 
     @app.get("/api/v1/counts", response_model=Counts)
     def counts(_: Operator) -> Counts:

@@ -477,11 +477,13 @@ class Deidentifier:
         attributes = _index_attributes(buf, entries, part.enc)
         body = self._spans(entries)
 
-        def new_uid(tag: int) -> bytes:
-            original = top[tag]
+        def new_uid_of(original: bytes) -> bytes:
             if self.options.retain_uids or is_standard_uid(original):
                 return original
             return ctx.uids.get(original) or self.keyed.uid(original)
+
+        def new_uid(tag: int) -> bytes:
+            return new_uid_of(top[tag])
 
         sop_uid, study_uid, series_uid = (
             new_uid(SOP_INSTANCE_UID),
@@ -495,7 +497,9 @@ class Deidentifier:
         ):
             if not is_uid(uid):  # only possible with Retain UIDs; the value is not echoed
                 raise DicomFormatError("malformed", f"{name} is not a valid UID")
-        meta = _meta(sop_class, sop_uid, part.transfer_syntax.encode("ascii"))
+        # The meta names the class exactly as the data set now does (a private class
+        # UID is mapped like any other non-standard UID).
+        meta = _meta(new_uid_of(sop_class), sop_uid, part.transfer_syntax.encode("ascii"))
         if part.deflated:
             view = memoryview(buf)
             inflated = b"".join(

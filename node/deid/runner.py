@@ -368,7 +368,14 @@ def _deidentify_and_publish(
     try:
         status = writer.publish(result, fd)
     except DeidError as exc:
-        return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
+        return FileOutcome(
+            source,
+            "failed",
+            output=result.relpath,
+            code=exc.code,
+            reason=exc.message,
+            bytes_in=size,
+        )
     except OSError as exc:
         return FileOutcome(
             source, "failed", code="write_error", reason=f"{exc.strerror or exc}", bytes_in=size
@@ -502,28 +509,32 @@ def run(
             nonlocal last_flush
             vault.append([o.record for o in pending if o.record is not None])
             if on_batch is not None:
+                # The index may settle an outcome here (a conflict with a copy a
+                # reviewer masked is "unchanged"), so the summary and the report
+                # are written after it.
                 on_batch(pending)
+            for outcome in pending:
+                summary.add(outcome)
+                line = {
+                    "source": outcome.source,
+                    "status": outcome.status,
+                    "output": outcome.output,
+                    "code": outcome.code,
+                    "reason": outcome.reason,
+                    "risk": outcome.risk,
+                    "notes": outcome.notes,
+                }
+                report.write(json.dumps(line) + "\n")
             report.flush()
             pending.clear()
             last_flush = time.monotonic()
 
         def record(outcome: FileOutcome) -> None:
-            summary.add(outcome)
             pending.append(outcome)
-            line = {
-                "source": outcome.source,
-                "status": outcome.status,
-                "output": outcome.output,
-                "code": outcome.code,
-                "reason": outcome.reason,
-                "risk": outcome.risk,
-                "notes": outcome.notes,
-            }
-            report.write(json.dumps(line) + "\n")
-            if len(pending) >= VAULT_BATCH or time.monotonic() - last_flush > FLUSH_SECONDS:
-                flush()
             if on_progress is not None:
                 on_progress(outcome)
+            if len(pending) >= VAULT_BATCH or time.monotonic() - last_flush > FLUSH_SECONDS:
+                flush()
 
         try:
             if jobs <= 1:

@@ -35,7 +35,9 @@ from node.index.db import Database
 from node.index.lifecycle import transition
 from node.index.models import (
     ApiToken,
+    ClinicalValue,
     Instance,
+    Label,
     Patient,
     QuarantineEntry,
     Series,
@@ -46,6 +48,7 @@ from node.index.models import (
 from protocols.api.node import (
     Counts,
     InstancePublic,
+    LabelPublic,
     QuarantinePage,
     QuarantinePublic,
     SeriesPublic,
@@ -64,7 +67,7 @@ SORTS = {
     "received_at": Study.received_at,
     "status_at": Study.status_at,
 }
-ROLES = ("operator",)
+ROLES = ("operator", "reviewer")
 
 
 # Intake's statements, written once: building them per instance costs more than running them.
@@ -312,6 +315,18 @@ class NodeIndex:
         )
         done.instances += 1
 
+    @staticmethod
+    def _masked(session: Session, path: str) -> bool:
+        sql = session.connection().exec_driver_sql
+        return (
+            sql(
+                "SELECT 1 FROM masks JOIN instances ON instances.id = masks.instance_id "
+                "WHERE instances.path = ? LIMIT 1",
+                (path,),
+            ).first()
+            is not None
+        )
+
     def _patient_id(self, session: Session, pseudonym: str) -> int:
         sql = session.connection().exec_driver_sql
         found = sql("SELECT id FROM patients WHERE pseudonym = ?", (pseudonym,)).scalar()
@@ -328,6 +343,13 @@ class NodeIndex:
         self, session: Session, outcome: FileOutcome, via: str, actor: str, done: Recorded
     ) -> None:
         code = outcome.code or "unknown"
+        if code == "conflict" and outcome.output and self._masked(session, outcome.output):
+            # The stored copy differs because a reviewer or a device rule masked it:
+            # the source is the one already taken in, and the masked copy stands.
+            outcome.status, outcome.code = "unchanged", ""
+            outcome.reason = "masked after intake; the masked copy is kept"
+            done.unchanged += 1
+            return
         self._add_quarantine(
             session,
             code,
@@ -470,7 +492,29 @@ class NodeIndex:
                     .order_by(StatusChange.id)
                 )
             ]
-            return StudyDetail(**self._summary(study, pseudonym), series=series, history=history)
+            labels = [
+                LabelPublic(scheme=lab.scheme, name=lab.name, value=lab.value)
+                for lab in session.scalars(
+                    select(Label)
+                    .where(Label.study_id == study.id)
+                    .order_by(Label.scheme, Label.name)
+                )
+            ]
+            clinical = {
+                c.variable: c.value
+                for c in session.scalars(
+                    select(ClinicalValue)
+                    .where(ClinicalValue.study_id == study.id)
+                    .order_by(ClinicalValue.variable)
+                )
+            }
+            return StudyDetail(
+                **self._summary(study, pseudonym),
+                series=series,
+                history=history,
+                labels=labels,
+                clinical=clinical,
+            )
 
     def counts(self) -> Counts:
         with self.db.read() as session:
@@ -505,6 +549,32 @@ class NodeIndex:
             ).all()
             items = [QuarantinePublic.model_validate(e) for e in entries]
         return QuarantinePage(items=items, total=total, limit=limit, offset=offset)
+
+    def instance_path(self, study_uid: str, sop_uid: str) -> str:
+        """The stored file of one instance of a study (relative to the store)."""
+        with self.db.read() as session:
+            path = session.scalar(
+                select(Instance.path)
+                .join(Study, Study.id == Instance.study_id)
+                .where(Instance.sop_uid == sop_uid, Study.study_uid == study_uid)
+            )
+        if path is None:
+            raise NodeError("not_found", f"no instance {sop_uid} in study {study_uid}")
+        return str(path)
+
+    def recent_activity(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest audit entries, for the dashboard."""
+        from node.index.models import AuditEntry
+
+        with self.db.read() as session:
+            rows = session.execute(
+                select(AuditEntry.at, AuditEntry.actor, AuditEntry.action, AuditEntry.subject)
+                .order_by(AuditEntry.seq.desc())
+                .limit(limit)
+            ).all()
+        return [
+            {"at": r.at, "actor": r.actor, "action": r.action, "subject": r.subject} for r in rows
+        ]
 
     def instance_paths(self) -> list[str]:
         """Every stored path the index refers to (for consistency checks)."""

@@ -26,6 +26,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,10 @@ class DicomListener:
         index: NodeIndex,
         config: EngineConfig,
         metrics: NodeMetrics,
+        on_recorded: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_recorded = on_recorded
         self.index = index
         self.metrics = metrics
         self.config = config
@@ -245,6 +248,8 @@ class DicomListener:
         for path in batch:
             path.unlink(missing_ok=True)  # committed: the spool copy is no longer needed
         self.metrics.received.labels(via="dicom", result="recorded").inc(done.instances)
+        if self.on_recorded is not None and done.instances:
+            self.on_recorded()
         self.metrics.received.labels(via="dicom", result="duplicate").inc(done.unchanged)
         if done.quarantined:
             self.metrics.received.labels(via="dicom", result="quarantined").inc(done.quarantined)

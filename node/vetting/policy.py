@@ -19,6 +19,10 @@ ultrasound, secondary captures, anything flagged and anything with a finding.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import secrets
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +33,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.errors import NodeError
 from protocols.phi.findings import Severity
 
+#: A modality is a DICOM CS value: upper-case letters, digits, space or underscore, 16 at most.
+_MODALITY = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+
+
+def _modalities(values: list[str]) -> list[str]:
+    cleaned: list[str] = []
+    for value in values:
+        code = value.strip().upper()
+        if not _MODALITY.match(code):
+            raise ValueError(f"{value!r} is not a DICOM modality code (e.g. CT, CR, US)")
+        if code not in cleaned:
+            cleaned.append(code)
+    return cleaned
+
 
 class AutoApprove(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,12 +54,22 @@ class AutoApprove(BaseModel):
     enabled: bool = True
     modalities: list[str] = Field(default_factory=lambda: ["CT", "CR", "DX", "MR"])
 
+    @field_validator("modalities")
+    @classmethod
+    def _codes(cls, value: list[str]) -> list[str]:
+        return _modalities(value)
+
 
 class Hold(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     modalities: list[str] = Field(default_factory=lambda: ["US", "SC", "OT", "XC", "ES", "SM"])
     findings_at_or_above: str = "low"
+
+    @field_validator("modalities")
+    @classmethod
+    def _codes(cls, value: list[str]) -> list[str]:
+        return _modalities(value)
 
     @field_validator("findings_at_or_above")
     @classmethod
@@ -74,6 +102,44 @@ class VettingPolicy(BaseModel):
             return cls.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
             raise NodeError("bad_policy", f"vetting policy {path} is not valid: {exc}") from exc
+
+    def to_toml(self) -> str:
+        """The policy as the TOML file ``load`` reads."""
+
+        def codes(values: list[str]) -> str:
+            return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+        def flag(value: bool) -> str:
+            return "true" if value else "false"
+
+        return (
+            "# RadFed vetting policy. Holding wins whenever anything is uncertain.\n\n"
+            "[auto_approve]\n"
+            f"enabled = {flag(self.auto_approve.enabled)}\n"
+            f"modalities = {codes(self.auto_approve.modalities)}\n\n"
+            "[hold]\n"
+            f"modalities = {codes(self.hold.modalities)}\n"
+            f"findings_at_or_above = {json.dumps(self.hold.findings_at_or_above)}\n\n"
+            "[review]\n"
+            f"two_person = {flag(self.review.two_person)}\n"
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the policy to ``path`` atomically (a reader sees the old or the new file)."""
+        from node.deid.runner import fsync_dir
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(self.to_toml())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise NodeError("policy_not_saved", f"could not write {path}: {exc}") from exc
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

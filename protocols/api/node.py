@@ -85,9 +85,22 @@ class StudyPage(_Model):
     offset: int
 
 
+class LabelPublic(_Model):
+    """An expert label imported for the study (RICORD schema)."""
+
+    scheme: str = Field(description="e.g. cxr_appearance, airspace_grade")
+    name: str
+    value: str
+
+
 class StudyDetail(StudySummary):
     series: list[SeriesPublic]
     history: list[StatusChangePublic]
+    labels: list[LabelPublic] = Field(default_factory=list)
+    clinical: dict[str, str] = Field(
+        default_factory=dict,
+        description="clinical variables, de-identified (dates shifted with the patient)",
+    )
 
 
 class Counts(_Model):
@@ -123,3 +136,23 @@ class Health(_Model):
     pending_instances: int = Field(
         description="received over DICOM, acknowledged, not yet taken in"
     )
+
+
+class ReviewRequest(_Model):
+    """An approval or rejection; a rejection needs a reason."""
+
+    reason: str = Field(default="", max_length=2000)
+
+
+class ReviewResult(_Model):
+    status: StudyStatus
+    message: str
+
+
+class FindingPublic(_Model):
+    source: str
+    severity: str
+    kind: str
+    location: str
+    message: str
+    excerpt: str

@@ -274,11 +274,23 @@ def ultrasound(
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    pixels = rng.integers(0, 80, (240, 320), dtype=np.uint8)
-    pixels[5:20, 5:200] = 255  # the text banner a real scanner burns in
+    # Speckle-like background: smooth, low-contrast noise (what OCR sees on real scans).
+    noise = rng.normal(40, 8, (60, 80)).clip(0, 255)
+    pixels = np.kron(noise, np.ones((4, 4))).astype(np.uint8)
+    # The banner a real scanner burns in: the patient's name and ID, in the pixels.
+    burn_text(pixels, f"{p.name.split('^')[0]} {p.patient_id}", (6, 4))
     ds.PixelData = pixels.tobytes()
     ds.file_meta = file_meta(US_IMAGE, ds.SOPInstanceUID, ExplicitVRLittleEndian)
     return ds
+
+
+def burn_text(pixels: np.ndarray, text: str, at: tuple[int, int], size: int = 18) -> None:
+    """Draw ``text`` into an 8-bit frame in place (white on the image), as scanners do."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).text(at, text, fill=255, font=ImageFont.load_default(size=size))
+    pixels[...] = np.asarray(image)
 
 
 def text_report(

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from protocols.version import PROTOCOL_VERSION
 from radfed.synth.site import Uids, ct_series, make_patient, text_report
 from tests.helpers import NodeProcess, run_cli
 
@@ -97,6 +98,16 @@ def taken_in(node: NodeProcess, token: str, instances: int, timeout: float = 60)
         time.sleep(0.2)
 
 
+def vetted(node: NodeProcess, token: str, study_uid: str, timeout: float = 60) -> dict:
+    """The study's detail once the background vetter has decided on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        detail = api(node, token, f"studies/{study_uid}").json()
+        if detail["status"] not in ("received", "deidentified") or time.monotonic() > deadline:
+            return detail
+        time.sleep(0.2)
+
+
 def test_a_pushed_study_is_found_through_the_api(node: NodeProcess, token: str) -> None:
     datasets = study()
 
@@ -110,10 +121,13 @@ def test_a_pushed_study_is_found_through_the_api(node: NodeProcess, token: str) 
     assert page["total"] == 1
     summary = page["items"][0]
     assert summary["series_count"] == 3 and summary["instance_count"] == 8
-    assert summary["status"] == "deidentified" and summary["pseudonym"].startswith("SITE-")
-    detail = api(node, token, f"studies/{summary['study_instance_uid']}").json()
+    assert summary["pseudonym"].startswith("SITE-")
+    # The vetter holds it: an SR report is not on the default auto-approve list.
+    detail = vetted(node, token, summary["study_instance_uid"])
+    assert detail["status"] == "held"
     assert sorted(s["instance_count"] for s in detail["series"]) == [1, 3, 4]
-    assert [h["to_status"] for h in detail["history"]] == ["received", "deidentified"]
+    assert [h["to_status"] for h in detail["history"]] == ["received", "deidentified", "held"]
+    assert "SR" in detail["history"][-1]["reason"]
     assert detail["history"][0]["actor"] == "intake:dicom"
     original_uids = {str(ds.SOPInstanceUID) for ds in datasets}
     stored = {i["sop_instance_uid"] for s in detail["series"] for i in s["instances"]}
@@ -198,7 +212,7 @@ def test_api_needs_a_valid_token(node: NodeProcess, token: str) -> None:
     }
     assert wrong.status_code == 401 and wrong.json()["code"] == "unauthorized"
     assert missing.status_code == 404 and missing.json()["code"] == "study_not_found"
-    assert health["dicom_listener"] is True and health["protocol_version"] == "1.0"
+    assert health["dicom_listener"] is True and health["protocol_version"] == PROTOCOL_VERSION
     bad = api(node, token, "studies", limit=0)
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
     assert '"limit"' in bad.json()["message"]
