@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.radfed-installed
 
-.PHONY: install system-deps demo test lint typecheck unit audit bench profile clean
+.PHONY: install system-deps services demo test lint typecheck unit audit bench profile clean
 
 # torch goes in first (the CPU wheel on local disk); an unpinned torch would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -29,6 +29,18 @@ system-deps:
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq $$missing >/dev/null; fi
 
+# PostgreSQL on 127.0.0.1:5432 (trust auth) with database `test`: the coordinator's
+# registry tests run against it as well as SQLite. Started if it is down.
+PG_DSN ?= postgresql://postgres@127.0.0.1:5432/test
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  echo "starting PostgreSQL"; \
+	  $$SUDO pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
+	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; }
+	@psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" \
+	  | grep -q 1 || createdb -h 127.0.0.1 -U postgres test
+
 demo: install system-deps
 	$(BIN)/radfed demo
 
@@ -39,15 +51,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-unit: install system-deps
+unit: install system-deps services
 	$(BIN)/pytest
 
 audit: install
 	$(BIN)/python tools/audit.py
 
-test: install system-deps lint typecheck audit unit
+test: install system-deps services lint typecheck audit unit
 
-bench: install
+bench: install services
 	$(BIN)/python bench/deid.py
 	$(BIN)/python bench/deid_memory.py
 	$(BIN)/python bench/node_intake.py

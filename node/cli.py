@@ -315,6 +315,40 @@ def serve(
         raise _fail(exc.message) from exc
 
 
+@app.command()
+def enroll(
+    url: Annotated[str, typer.Argument(help="The coordinator, e.g. https://coordinator:8443.")],
+    token: Annotated[str, typer.Argument(help="The one-time token `site add` printed.")],
+    home: HomeOption = None,
+) -> None:
+    """Join a federation: make this node's key, get its certificate from the coordinator."""
+    from node import federation
+
+    settings = _settings(home)
+    try:
+        done = federation.enroll(settings, url, token)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print(
+        f"enrolled as site {done.site}; key and certificates in {federation.files(settings).root}"
+    )
+
+
+@app.command()
+def heartbeat(home: HomeOption = None) -> None:
+    """Report to the coordinator now (serve does it every `heartbeat_seconds`)."""
+    from node import federation
+
+    settings = _settings(home)
+    try:
+        index = open_index(settings)
+        with federation.CoordinatorClient(settings) as client:
+            federation.send_heartbeat(client, index.counts().by_status, None)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    out.print("heartbeat delivered")
+
+
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="Who or what the token is for.")],

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 from functools import partial
 
 import uvicorn
 
+from node import federation
 from node.api.app import create_app
 from node.intake.listener import DicomListener
 from node.metrics import NodeMetrics
@@ -23,31 +23,11 @@ from node.site import engine_config, open_index
 from node.vetting.policy import VettingPolicy
 from node.vetting.service import Vetter, render_png, reviewer_mask
 from node.web.routes import mount_web
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+from protocols.logs import configure_logging as configure_logging_as
 
 
 def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    for noisy in ("pynetdicom", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging_as("pynetdicom", "alembic")
 
 
 def serve(settings: NodeSettings) -> None:
@@ -62,6 +42,15 @@ def serve(settings: NodeSettings) -> None:
     listener = DicomListener(settings, index, engine_config(settings), metrics, vetter.wake)
     host, port = listener.start()
     vetter.start()
+    beats = None
+    if federation.enrolled(settings):
+        beats = federation.HeartbeatSender(
+            settings,
+            lambda: index.counts().by_status,
+            lambda: vetter.last_error,
+            settings.heartbeat_seconds,
+        )
+        beats.start()
     log.info(json.dumps({"event": "listening", "dicom": f"{host}:{port}"}))
     app = create_app(index, metrics, lambda: listener.running, listener.pending, policy)
     mount_web(app, index, settings, policy, reviewer_mask(index, settings), render_png)
@@ -85,5 +74,7 @@ def serve(settings: NodeSettings) -> None:
     finally:
         listener.stop()
         vetter.stop()
+        if beats is not None:
+            beats.stop()
         index.db.close()
         log.info("node stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+import protocols.api.coordinator
 import protocols.api.errors
 import protocols.api.node
 import protocols.deid.options
@@ -25,7 +26,12 @@ from protocols.version import PROTOCOL_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "protocols" / "schemas"
-MODULES = (protocols.api.errors, protocols.api.node, protocols.deid.options)
+MODULES = (
+    protocols.api.coordinator,
+    protocols.api.errors,
+    protocols.api.node,
+    protocols.deid.options,
+)
 
 
 def models() -> dict[str, type[BaseModel]]:

@@ -7,41 +7,19 @@ import datetime as dt
 from sqlalchemy import (
     Boolean,
     Date,
-    DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from protocols.sqltypes import UTCDateTime, utcnow
 
-class UTCDateTime(TypeDecorator[dt.datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out (SQLite stores them naive)."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the index; use UTC")
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
-
-    def process_result_value(
-        self, value: dt.datetime | None, dialect: Dialect
-    ) -> dt.datetime | None:
-        return None if value is None else value.replace(tzinfo=dt.UTC)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+__all__ = ["UTCDateTime", "utcnow"]  # re-exported: the node's modules import them from here
 
 
 class Base(DeclarativeBase):

@@ -31,6 +31,8 @@ class Vetter:
         self.index = index
         self.settings = settings
         self.policy = policy
+        #: The last vetting failure, reported in heartbeats; cleared by a pass that works.
+        self.last_error: str | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vetter", daemon=True)
@@ -56,6 +58,7 @@ class Vetter:
                     self.settings.deid,
                     stable_seconds=self.settings.study_stable_seconds,
                 )
+                self.last_error = None
                 if summary.studies:
                     log.info(
                         "vetted %d studies: %d approved, %d held",
@@ -64,8 +67,9 @@ class Vetter:
                         summary.held,
                     )
                     continue
-            except Exception:
+            except Exception as exc:
                 log.exception("vetting pass failed")
+                self.last_error = f"vetting: {type(exc).__name__}: {exc}"[:500]
             # Look again soon enough that a study is vetted about when it becomes stable.
             self._wake.wait(min(5.0, max(0.5, self.settings.study_stable_seconds / 4)))
             self._wake.clear()

@@ -1,0 +1,206 @@
+"""The coordinator API: enrollment, node heartbeats, sites (and, as they land, intake,
+registry and releases).
+
+Who may call what is decided by one dependency per kind of caller:
+``Node`` (an enrolled, unrevoked site: client certificate + signed request
+token), ``OperatorToken`` and ``ResearcherToken`` (API tokens with a role).
+Service code raises ``CoordinatorError``; ``ERROR_STATUS`` maps its code to the
+HTTP status in one place and every error body is a ``protocols`` ``ErrorBody``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coordinator import audit, pki, sites, tokens
+from coordinator.errors import CoordinatorError
+from coordinator.identity import NodeIdentity, NonceCache, authenticate_node
+from coordinator.registry.db import Database
+from coordinator.settings import CoordinatorSettings
+from coordinator.tls import peer_certificate
+from protocols.api.coordinator import (
+    EnrollRequest,
+    EnrollResponse,
+    Heartbeat,
+    SiteHealth,
+    SitePublic,
+    SiteStatus,
+)
+from protocols.api.errors import ErrorBody
+from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
+
+log = logging.getLogger("radfed.coordinator.api")
+
+#: Error code -> HTTP status; anything else is a 400.
+ERROR_STATUS = {
+    "unauthorized": 401,
+    "client_certificate_required": 401,
+    "certificate_expired": 401,
+    "enrollment_token_invalid": 401,
+    "enrollment_token_used": 401,
+    "enrollment_token_expired": 401,
+    "forbidden": 403,
+    "site_revoked": 403,
+    "not_found": 404,
+    "site_not_found": 404,
+    "method_not_allowed": 405,
+    "site_exists": 409,
+    "invalid_request": 422,
+    "internal": 500,
+}
+
+
+def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
+    body = ErrorBody(code=code, message=message, retryable=retryable)
+    return JSONResponse(status_code=ERROR_STATUS.get(code, 400), content=body.model_dump())
+
+
+def _person(request: Request, *roles: str) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise CoordinatorError("unauthorized", "an API token is required (Authorization: Bearer)")
+    db: Database = request.app.state.db
+    found = tokens.check(db, token.strip())
+    if found is None:
+        raise CoordinatorError("unauthorized", "unknown or revoked API token")
+    name, role = found
+    if role not in roles:
+        raise CoordinatorError("forbidden", f"role {role} may not do this")
+    return name
+
+
+def require_operator(request: Request) -> str:
+    """The operator whose API token came with the request."""
+    return _person(request, "operator")
+
+
+def require_reader(request: Request) -> str:
+    """An operator or a researcher (registry reads)."""
+    return _person(request, "operator", "researcher")
+
+
+def require_node(request: Request) -> NodeIdentity:
+    """The enrolled site whose node made this request."""
+    settings: CoordinatorSettings = request.app.state.settings
+    return authenticate_node(
+        request.app.state.db,
+        request.headers.get("authorization"),
+        request.method,
+        request.url.path,
+        peer_certificate(request.scope),  # type: ignore[arg-type]
+        require_tls_cert=not settings.behind_proxy,
+        max_age_s=settings.node_token_max_age_s,
+        nonces=request.app.state.nonces,
+    )
+
+
+Operator = Annotated[str, Depends(require_operator)]
+Reader = Annotated[str, Depends(require_reader)]
+Node = Annotated[NodeIdentity, Depends(require_node)]
+
+
+def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
+    app = FastAPI(
+        title="RadFed coordinator",
+        version=SOFTWARE_VERSION,
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.nonces = NonceCache()
+    paths = pki.Paths(settings.pki_dir)
+
+    @app.exception_handler(CoordinatorError)
+    async def _coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
+        return _error(exc.code, exc.message, exc.retryable)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f'Argument "{".".join(str(p) for p in e["loc"][1:])}": {e["msg"]}' for e in exc.errors()
+        )
+        return _error("invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = _error(code, str(exc.detail))
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error("internal", "internal error; see the coordinator log", retryable=True)
+
+    # -- open ------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": SOFTWARE_VERSION, "protocol_version": PROTOCOL_VERSION}
+
+    @app.get("/api/v1/enroll/ca")
+    def ca_certificate() -> Response:
+        """The federation CA (public); a node checks it against its token's fingerprint."""
+        _, cert = pki.load_ca(paths)
+        return Response(pki.pem(cert), media_type="application/x-pem-file")
+
+    @app.post("/api/v1/enroll", response_model=EnrollResponse)
+    def enroll(body: EnrollRequest) -> EnrollResponse:
+        done = sites.enroll(db, settings, body.token, body.csr_pem)
+        return EnrollResponse(
+            site=done.site,
+            certificate_pem=done.certificate_pem,
+            ca_certificate_pem=done.ca_certificate_pem,
+        )
+
+    # -- nodes -----------------------------------------------------------------------
+
+    @app.get("/api/v1/node/whoami")
+    def whoami(node: Node) -> dict[str, str]:
+        return {"site": node.site, "certificate": node.fingerprint}
+
+    @app.post("/api/v1/node/heartbeat", status_code=204)
+    def heartbeat(body: Heartbeat, node: Node) -> Response:
+        sites.heartbeat(db, node.site_id, body.software_version, body.counts, body.last_error)
+        return Response(status_code=204)
+
+    # -- operators -------------------------------------------------------------------
+
+    @app.get("/api/v1/sites", response_model=list[SitePublic])
+    def list_sites(_: Operator) -> list[SitePublic]:
+        return [
+            SitePublic(
+                name=s.name,
+                status=SiteStatus(s.status),
+                enrolled_at=s.enrolled_at,
+                last_seen=s.last_seen,
+                health=SiteHealth(s.health),
+                version=s.version,
+                counts=s.counts,
+                last_error=s.last_error,
+            )
+            for s in sites.states(db, settings)
+        ]
+
+    @app.post("/api/v1/sites/{name}/revoke", status_code=204)
+    def revoke_site(name: str, who: Operator) -> Response:
+        sites.revoke(db, name, who)
+        return Response(status_code=204)
+
+    @app.get("/api/v1/audit/verify")
+    def audit_verify(_: Operator) -> dict[str, object]:
+        with db.read() as session:
+            result = audit.verify(session)
+        return {"entries": result.entries, "ok": result.ok, "broken_at": result.broken_at}
+
+    return app

@@ -1,0 +1,17 @@
+"""The coordinator's one error type: a stable machine code, a human message, retryable or not.
+
+Service code raises these, never HTTP exceptions; the API maps codes to HTTP
+statuses and to the sanitized public message in one place.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """A failure the coordinator reports: ``code`` is stable, ``message`` says what to do."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable

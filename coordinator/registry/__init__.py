@@ -1,0 +1,1 @@
+"""The coordinator's registry: SQLAlchemy 2 tables, Alembic migrations, SQLite or PostgreSQL."""

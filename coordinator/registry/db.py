@@ -1,0 +1,111 @@
+"""Open the registry: SQLite (default) or PostgreSQL, migrated with Alembic.
+
+On SQLite (WAL, ``synchronous=FULL``) writes take the database lock up front
+(``BEGIN IMMEDIATE``) so that read-then-write sequences never interleave; on
+PostgreSQL every write transaction that appends to the audit log locks its head
+row (``SELECT … FOR UPDATE``), which serialises appends the same way. Reads
+never block writers on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
+    engine = create_engine(
+        url,
+        connect_args={"isolation_level": None, "timeout": 60, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _normalise(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the driver RadFed installs)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration (idempotent)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+@dataclass
+class Database:
+    """The registry database."""
+
+    url: str
+    writer: Engine
+    reader: Engine
+
+    @property
+    def dialect(self) -> str:
+        return self.writer.dialect.name
+
+    @classmethod
+    def open(cls, url: str, engine_options: dict[str, Any] | None = None) -> Database:
+        url = _normalise(url)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                path = Path(parsed.database)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch(mode=0o600, exist_ok=True)
+            writer = _sqlite_engine(url, immediate=True)
+            reader = _sqlite_engine(url, immediate=False)
+        else:
+            options = {"pool_pre_ping": True, "pool_size": 10, **(engine_options or {})}
+            writer = create_engine(url, **options)
+            reader = writer
+        migrate(writer)
+        return cls(url, writer, reader)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        with sessionmaker(self.writer, expire_on_commit=False)() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read transaction; rows read stay usable after it (nothing is written)."""
+        with sessionmaker(self.reader, expire_on_commit=False)() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.writer.dispose()
+        if self.reader is not self.writer:
+            self.reader.dispose()

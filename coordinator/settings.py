@@ -1,0 +1,113 @@
+"""The coordinator's settings: environment (``RADFED_COORDINATOR_…``), then
+``<home>/config.toml``, then defaults that work on one machine.
+
+The home (``~/.radfed/coordinator`` or ``RADFED_COORDINATOR_HOME``) holds the
+federation CA, the server certificate, the registry (SQLite by default) and the
+object store. ``database_url`` may name PostgreSQL instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_home() -> Path:
+    """``RADFED_COORDINATOR_HOME`` or ``~/.radfed/coordinator``."""
+    env = os.environ.get("RADFED_COORDINATOR_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".radfed" / "coordinator"
+
+
+class CoordinatorSettings(BaseSettings):
+    """The coordinator's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADFED_COORDINATOR_", env_nested_delimiter="__", extra="forbid"
+    )
+    _config_home: ClassVar[Path | None] = None
+
+    home: Path = Field(default_factory=default_home)
+    environment: Literal["development", "production"] = "development"
+    #: Name of the federation (the CA's common name).
+    federation: str = "RadFed federation"
+    #: The API (TLS). Loopback unless the operator opens it.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8443, ge=0, le=65535)
+    #: Names the server certificate is valid for (DNS names and IP addresses).
+    server_names: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    #: Set when a TLS-terminating proxy sits in front: nodes are then identified by
+    #: their signed request tokens alone (DESIGN: identity does not depend on TLS).
+    behind_proxy: bool = False
+    #: SQLAlchemy URL of the registry; default SQLite in the home.
+    database_url: str | None = None
+    #: Where exam files are kept: "fs" (``<home>/objects``) or "s3".
+    object_store: Literal["fs", "s3"] = "fs"
+    s3_bucket: str = "radfed"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""
+    #: Enrollment tokens expire after this many hours.
+    enrollment_ttl_hours: float = Field(default=24.0, gt=0)
+    #: Node certificates are valid this long.
+    node_cert_days: int = Field(default=397, ge=1)
+    #: How old a node's signed request token may be (clock skew included).
+    node_token_max_age_s: int = Field(default=300, ge=10)
+    #: A site not heard from in this long is "stale".
+    stale_after_s: int = Field(default=900, ge=10)
+    #: Researcher statistics show a count under k as "<k".
+    small_count_k: int = Field(default=5, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        home = cls._config_home or default_home()
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=home / "config.toml")
+        return (init_settings, env_settings, toml)
+
+    @property
+    def pki_dir(self) -> Path:
+        """The CA and server keys and certificates (keys 0600)."""
+        return self.home / "pki"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.home / "objects"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Partial uploads, until their exam is registered."""
+        return self.home / "uploads"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.home / "releases"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'registry.sqlite'}"
+
+
+def load_settings(home: Path | None = None, **overrides: Any) -> CoordinatorSettings:
+    """Settings for a coordinator home (the CLI's ``--home``), reading its config file."""
+    CoordinatorSettings._config_home = home
+    try:
+        if home is not None:
+            overrides["home"] = home
+        return CoordinatorSettings(**overrides)
+    finally:
+        CoordinatorSettings._config_home = None

@@ -1,0 +1,66 @@
+"""API tokens of operators and researchers: shown once, stored as a SHA-256 hash.
+
+A token is 32 random bytes, so a plain hash is enough to keep it from anyone
+reading the database (no password stretching is needed for random secrets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+
+from coordinator import audit
+from coordinator.errors import CoordinatorError
+from coordinator.registry.db import Database
+from coordinator.registry.models import ApiToken
+from protocols.sqltypes import utcnow
+
+ROLES = ("operator", "researcher")
+PREFIX = "rfc_"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create(db: Database, name: str, role: str, actor: str) -> str:
+    """A new token for ``name`` with ``role``; the only time it is shown."""
+    if role not in ROLES:
+        raise CoordinatorError("bad_role", f'Argument "role" must be one of {", ".join(ROLES)}.')
+    if not name or len(name) > 64 or not name.isprintable():
+        raise CoordinatorError("bad_name", 'Argument "name" must be 1-64 printable characters.')
+    token = PREFIX + secrets.token_urlsafe(32)
+    with db.write() as session:
+        if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
+            raise CoordinatorError("token_exists", f"a token named {name} exists; revoke it first")
+        session.add(ApiToken(name=name, role=role, token_hash=token_hash(token)))
+        audit.append(session, actor, "token.create", name, role=role)
+    return token
+
+
+def revoke(db: Database, name: str, actor: str) -> None:
+    with db.write() as session:
+        row = session.scalar(
+            select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+        )
+        if row is None:
+            raise CoordinatorError("token_not_found", f"no active token named {name}")
+        row.revoked_at = utcnow()
+        # The name is free again; the hash stays unique, so the old token stays dead.
+        row.name = f"{name[:40]}#revoked-{row.id}"
+        audit.append(session, actor, "token.revoke", name)
+
+
+def check(db: Database, token: str) -> tuple[str, str] | None:
+    """(name, role) of an active token, None otherwise."""
+    if not token.startswith(PREFIX):
+        return None
+    with db.read() as session:
+        row = session.execute(
+            select(ApiToken.name, ApiToken.role).where(
+                ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None)
+            )
+        ).first()
+    return (row[0], row[1]) if row else None

@@ -1,0 +1,275 @@
+"""The node's membership of a federation: enrollment, its key, and talking to the coordinator.
+
+``enroll`` takes the coordinator's URL and the one-time token its operator
+printed. The token carries the SHA-256 of the federation CA: the node fetches
+the CA certificate, refuses it unless the fingerprint matches, and from then
+on trusts only that CA. It generates its EC P-384 key, sends a CSR, and stores
+key (0600), certificate, CA certificate and the coordinator's address under
+``<home>/keys/federation/``. Re-enrolling replaces them only once the new
+certificate is in hand.
+
+``CoordinatorClient`` is the node's HTTPS client: mutual TLS with that key and
+certificate, and on every request a ``RadFed-Node`` token signed with the same
+key (``protocols.nodeauth``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from node.errors import NodeError
+from node.settings import NodeSettings
+from protocols.api.coordinator import EnrollRequest, EnrollResponse, Heartbeat
+from protocols.nodeauth import make_token
+from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
+
+log = logging.getLogger("radfed.node.federation")
+TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class FederationFiles:
+    root: Path
+
+    @property
+    def key(self) -> Path:
+        return self.root / "node.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "node.crt"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "coordinator.json"
+
+
+def files(settings: NodeSettings) -> FederationFiles:
+    return FederationFiles(settings.keys_dir / "federation")
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _ca_fingerprint(token: str) -> str:
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != "rfe1" or len(parts[2]) != 64:
+        raise NodeError(
+            "bad_enrollment_token", 'Argument "token" is not a RadFed enrollment token.'
+        )
+    return parts[2].lower()
+
+
+def _http_error(response: httpx.Response) -> NodeError:
+    try:
+        body = response.json()
+        return NodeError(str(body.get("code", "coordinator_error")), str(body.get("message")))
+    except ValueError:
+        return NodeError("coordinator_error", f"HTTP {response.status_code} from the coordinator")
+
+
+def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
+    """Join the federation at ``url`` with a one-time ``token``."""
+    url = url.rstrip("/")
+    expected = _ca_fingerprint(token)
+    try:
+        # Fetched without verification, then pinned: only the token's fingerprint counts.
+        answer = httpx.get(f"{url}/api/v1/enroll/ca", verify=False, timeout=TIMEOUT)  # noqa: S501
+        answer.raise_for_status()
+        ca = x509.load_pem_x509_certificate(answer.content)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise NodeError(
+            "coordinator_unreachable", f"cannot fetch the federation CA from {url}: {exc}", True
+        ) from exc
+    if ca.fingerprint(hashes.SHA256()).hex() != expected:
+        raise NodeError(
+            "wrong_coordinator",
+            f"{url} presented a CA that does not match the enrollment token; nothing was changed",
+        )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    key = ec.generate_private_key(ec.SECP384R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "radfed-node")]))
+        .sign(key, hashes.SHA384())
+    )
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    request = EnrollRequest(
+        token=token.strip(), csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    )
+    try:
+        response = httpx.post(
+            f"{url}/api/v1/enroll",
+            json=request.model_dump(mode="json"),
+            verify=context,
+            timeout=TIMEOUT,
+        )
+    except httpx.HTTPError as exc:
+        raise NodeError("coordinator_unreachable", f"cannot reach {url}: {exc}", True) from exc
+    if response.status_code != 200:
+        raise _http_error(response)
+    enrolled = EnrollResponse.model_validate(response.json())
+    cert = x509.load_pem_x509_certificate(enrolled.certificate_pem.encode("ascii"))
+    if cert.public_key() != key.public_key():
+        raise NodeError("bad_certificate", "the coordinator returned a certificate for another key")
+    where = files(settings)
+    _write(
+        where.key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    _write(where.cert, enrolled.certificate_pem.encode("ascii"), 0o600)
+    _write(where.ca, ca_pem, 0o600)
+    _write(
+        where.config,
+        json.dumps(
+            {
+                "url": url,
+                "site": enrolled.site,
+                "ca_sha256": expected,
+                "certificate_sha256": cert.fingerprint(hashes.SHA256()).hex(),
+                "enrolled_at": dt.datetime.now(dt.UTC).isoformat(),
+            },
+            indent=2,
+        ).encode("utf-8"),
+        0o600,
+    )
+    log.info("enrolled in the federation at %s as site %s", url, enrolled.site)
+    return enrolled
+
+
+def enrolled(settings: NodeSettings) -> bool:
+    where = files(settings)
+    return all(p.exists() for p in (where.key, where.cert, where.ca, where.config))
+
+
+class CoordinatorClient:
+    """HTTPS to the coordinator: mutual TLS plus a signed token on every request."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        where = files(settings)
+        if not enrolled(settings):
+            raise NodeError("not_enrolled", "this node is not enrolled: run `radfed node enroll`")
+        config = json.loads(where.config.read_text(encoding="utf-8"))
+        self.url: str = config["url"]
+        self.site: str = config["site"]
+        key = serialization.load_pem_private_key(where.key.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise NodeError("bad_key", f"{where.key} is not an EC key")
+        self._key = key
+        cert = x509.load_pem_x509_certificate(where.cert.read_bytes())
+        self.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+        context = ssl.create_default_context(cafile=str(where.ca))
+        context.load_cert_chain(str(where.cert), str(where.key))
+        self._http = httpx.Client(base_url=self.url, verify=context, timeout=TIMEOUT)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        headers["Authorization"] = make_token(self._key, self.site, self.fingerprint, method, path)
+        try:
+            return self._http.request(method, path, headers=headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise NodeError(
+                "coordinator_unreachable", f"cannot reach {self.url}: {exc}", True
+            ) from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def send_heartbeat(
+    client: CoordinatorClient, counts: dict[str, int], last_error: str | None
+) -> None:
+    """Report version, counts by status and the last error; raises NodeError on refusal."""
+    beat = Heartbeat(
+        software_version=SOFTWARE_VERSION,
+        protocol_version=PROTOCOL_VERSION,
+        counts=counts,
+        last_error=last_error,
+        sent_at=dt.datetime.now(dt.UTC),
+    )
+    response = client.request("POST", "/api/v1/node/heartbeat", json=beat.model_dump(mode="json"))
+    if response.status_code != 204:
+        raise _http_error(response)
+
+
+class HeartbeatSender:
+    """Sends a heartbeat every ``interval`` seconds while ``radfed node serve`` runs."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        counts: Callable[[], dict[str, int]],
+        last_error: Callable[[], str | None],
+        interval: float,
+    ) -> None:
+        self.settings = settings
+        self.counts = counts
+        self.last_error = last_error
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _loop(self) -> None:
+        client: CoordinatorClient | None = None
+        while not self._stop.is_set():
+            try:
+                client = client or CoordinatorClient(self.settings)
+                send_heartbeat(client, self.counts(), self.last_error())
+            except NodeError as exc:
+                log.warning("heartbeat not delivered: %s", exc.message)
+            except Exception:
+                log.exception("heartbeat failed")
+            self._stop.wait(self.interval)
+        if client is not None:
+            client.close()
