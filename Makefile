@@ -63,6 +63,8 @@ bench: install services
 	$(BIN)/python bench/deid.py
 	$(BIN)/python bench/deid_memory.py
 	$(BIN)/python bench/node_intake.py
+	$(BIN)/python bench/coordinator_registry.py
+	$(BIN)/python bench/coordinator_intake.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py

@@ -26,8 +26,8 @@ from protocols.sqltypes import utcnow
 
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()
-#: Curves a node's key may use (P-384 is what RadFed nodes generate).
-ACCEPTED_CURVES = ("secp384r1", "secp256r1")
+#: Curves a node's key may use: P-384 (DESIGN.md), which manifest signatures need too.
+ACCEPTED_CURVES = ("secp384r1",)
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def issue_node_certificate(paths: Paths, csr_pem: str, site: str, days: int) -> 
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or (
         public_key.curve.name not in ACCEPTED_CURVES
     ):
-        raise CoordinatorError("bad_csr", "the node key must be EC P-384 (or P-256)")
+        raise CoordinatorError("bad_csr", "the node key must be EC P-384")
     ca_key, ca_cert = load_ca(paths)
     subject = x509.Name(
         [

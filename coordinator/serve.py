@@ -13,25 +13,46 @@ import json
 import logging
 import signal
 import ssl
+import threading
 
 import uvicorn
 
 from coordinator import pki
 from coordinator.api.app import create_app
+from coordinator.intake import Intake
 from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import PeerCertProtocol
 from protocols.logs import configure_logging
 
 
+def _sweep(intake: Intake, stop: threading.Event) -> None:
+    """Expire abandoned uploads now and every hour."""
+    log = logging.getLogger("radfed.coordinator.intake")
+    while not stop.is_set():
+        try:
+            expired = intake.sweep()
+            if expired:
+                log.info("expired %d abandoned upload(s)", expired)
+        except Exception:
+            log.exception("upload sweep failed")
+        stop.wait(3600)
+
+
 def serve(settings: CoordinatorSettings) -> None:
     """Run until interrupted."""
+    stop = threading.Event()
     configure_logging("alembic", "boto3", "botocore")
     log = logging.getLogger("radfed.coordinator")
     paths = pki.Paths(settings.pki_dir)
     pki.load_ca(paths)  # not initialised: stop here with the reason
     db = Database.open(settings.db_url)
     app = create_app(settings, db)
+    app.state.intake.warm()
+    sweeper = threading.Thread(
+        target=_sweep, args=(app.state.intake, stop), name="upload-sweeper", daemon=True
+    )
+    sweeper.start()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -56,5 +77,8 @@ def serve(settings: CoordinatorSettings) -> None:
     try:
         server.run()
     finally:
+        stop.set()
+        sweeper.join(10)
+        app.state.intake.close()
         db.close()
         log.info("coordinator stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

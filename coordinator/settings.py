@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -19,6 +19,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from coordinator.objects import ObjectStore
 
 
 def default_home() -> Path:
@@ -63,6 +66,10 @@ class CoordinatorSettings(BaseSettings):
     node_token_max_age_s: int = Field(default=300, ge=10)
     #: A site not heard from in this long is "stale".
     stale_after_s: int = Field(default=900, ge=10)
+    #: An uploaded exam with a PHI finding at or above this severity is quarantined.
+    quarantine_at_or_above: Literal["info", "low", "medium", "high", "critical"] = "low"
+    #: Processes scanning uploaded instances (0: one per core; 1: in the server process).
+    scan_workers: int = Field(default=0, ge=0)
     #: Researcher statistics show a count under k as "<k".
     small_count_k: int = Field(default=5, ge=1)
 
@@ -96,6 +103,28 @@ class CoordinatorSettings(BaseSettings):
     @property
     def releases_dir(self) -> Path:
         return self.home / "releases"
+
+    def store(self, durable_puts: bool = True) -> ObjectStore:
+        """The object store these settings name (filesystem under the home, or S3).
+
+        ``durable_puts=False``: filesystem puts do not wait for the disk; the caller
+        makes objects durable with ``store.sync`` when it needs them (intake does,
+        before it registers an exam).
+        """
+        from coordinator.objects import FilesystemStore, open_store
+
+        store = open_store(
+            object_store=self.object_store,
+            root=self.objects_dir,
+            s3_bucket=self.s3_bucket,
+            s3_endpoint_url=self.s3_endpoint_url,
+            s3_region=self.s3_region,
+            s3_prefix=self.s3_prefix,
+            spool_dir=self.uploads_dir,
+        )
+        if isinstance(store, FilesystemStore):
+            store.durable_puts = durable_puts
+        return store
 
     @property
     def db_url(self) -> str:

@@ -6,6 +6,7 @@ reading the database (no password stretching is needed for random secrets).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import secrets
 
@@ -53,14 +54,30 @@ def revoke(db: Database, name: str, actor: str) -> None:
         audit.append(session, actor, "token.revoke", name)
 
 
+#: A token used after this long unused starts a new session: a "login" in the audit log.
+SESSION_GAP = dt.timedelta(hours=1)
+
+
 def check(db: Database, token: str) -> tuple[str, str] | None:
-    """(name, role) of an active token, None otherwise."""
+    """(name, role) of an active token, None otherwise; a new session is audited as a login."""
     if not token.startswith(PREFIX):
         return None
+    digest = token_hash(token)
     with db.read() as session:
         row = session.execute(
-            select(ApiToken.name, ApiToken.role).where(
-                ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None)
+            select(ApiToken.name, ApiToken.role, ApiToken.last_used_at).where(
+                ApiToken.token_hash == digest, ApiToken.revoked_at.is_(None)
             )
         ).first()
-    return (row[0], row[1]) if row else None
+    if row is None:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > SESSION_GAP:
+        with db.write() as session:
+            stored = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+            if stored is not None and (
+                stored.last_used_at is None or now - stored.last_used_at > SESSION_GAP
+            ):
+                stored.last_used_at = now
+                audit.append(session, row.name, "login", row.name, role=row.role, via="api token")
+    return (row.name, row.role)

@@ -51,6 +51,31 @@ ERROR_STATUS = {
     "site_not_found": 404,
     "method_not_allowed": 405,
     "site_exists": 409,
+    "upload_not_found": 404,
+    "file_not_in_manifest": 404,
+    "signer_mismatch": 403,
+    "site_mismatch": 403,
+    "bad_signature": 422,
+    "exam_conflict": 409,
+    "upload_closed": 409,
+    "offset_mismatch": 409,
+    "upload_incomplete": 409,
+    "too_many_bytes": 422,
+    "sha256_mismatch": 422,
+    "chunk_too_large": 413,
+    "exam_not_found": 404,
+    "release_not_found": 404,
+    "unknown_dimension": 404,
+    "exam_not_owned": 403,
+    "release_exists": 409,
+    "export_exists": 409,
+    "release_empty": 422,
+    "invalid_filter": 422,
+    "unsafe_release_path": 409,
+    "release_object_missing": 500,
+    "release_object_corrupt": 500,
+    "release_manifest_corrupt": 500,
+    "export_failed": 500,
     "invalid_request": 422,
     "internal": 500,
 }
@@ -117,6 +142,16 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.nonces = NonceCache()
+    store = settings.store(durable_puts=False)
+    app.state.store = store
+    from coordinator.api.intake_routes import mount_intake
+    from coordinator.api.registry_routes import mount_registry
+    from coordinator.intake import Intake
+
+    intake = Intake(db, settings, store)
+    app.state.intake = intake
+    mount_intake(app, intake)
+    mount_registry(app, settings, db, store)
     paths = pki.Paths(settings.pki_dir)
 
     @app.exception_handler(CoordinatorError)

@@ -100,6 +100,12 @@ class Exam(Base):
     __table_args__ = (
         Index("ix_exams_site_modality", "site_id", "modality"),
         Index("ix_exams_study_date", "study_date"),
+        # Registry search (migration 0002): sorting by registration time, a modality
+        # with either sort key, and finding the few withdrawn exams to leave out.
+        Index("ix_exams_registered_at", "registered_at"),
+        Index("ix_exams_modality_study_date", "modality", "study_date"),
+        Index("ix_exams_modality_registered_at", "modality", "registered_at"),
+        Index("ix_exams_withdrawn_at", "withdrawn_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -149,7 +155,8 @@ class ExamLabel(Base):
     __tablename__ = "labels"
     __table_args__ = (
         UniqueConstraint("exam_id", "scheme", "name", name="uq_exam_label"),
-        Index("ix_labels_value", "scheme", "name", "value"),
+        # Covers search by label and label statistics (migration 0002).
+        Index("ix_labels_value_exam", "scheme", "name", "value", "exam_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -163,7 +170,8 @@ class ExamClinical(Base):
     __tablename__ = "clinical_values"
     __table_args__ = (
         UniqueConstraint("exam_id", "variable", name="uq_exam_clinical"),
-        Index("ix_clinical_value", "variable", "value"),
+        # Covers search by clinical value (migration 0002).
+        Index("ix_clinical_value_exam", "variable", "value", "exam_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

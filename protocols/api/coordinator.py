@@ -266,6 +266,10 @@ class UploadPublic(_Public):
     files: list[UploadFileState]
     created_at: dt.datetime
     expires_at: dt.datetime | None = None
+    receipt: Receipt | None = Field(default=None, description="once registered")
+    rejection: Rejection | None = Field(
+        default=None, description="once rejected or quarantined: why"
+    )
 
     def missing(self) -> list[UploadFileState]:
         """Files the node still has to send (or finish sending)."""
@@ -376,6 +380,9 @@ class ExamSummary(_Public):
     instance_count: int
     size: int = Field(description="bytes")
     registered_at: dt.datetime
+    withdrawn_at: dt.datetime | None = Field(
+        default=None, description="when its site withdrew it; None while it is available"
+    )
 
 
 class ExamDetail(ExamSummary):
@@ -407,12 +414,165 @@ class StatsTable(_Public):
     k: int = Field(ge=1)
 
     @classmethod
-    def of(cls, dimension: str, counts: Mapping[str, int], k: int) -> StatsTable:
-        """Rows by key; a count from 1 to ``k - 1`` is shown as ``<k``."""
+    def of(
+        cls, dimension: str, counts: Mapping[str, int], k: int, *, suppress: bool = True
+    ) -> StatsTable:
+        """Rows by key; a count from 1 to ``k - 1`` is shown as ``<k`` unless not ``suppress``.
+
+        Operators see exact counts (``suppress=False``); researchers see suppressed ones.
+        """
         rows = [
             StatsRow(key=key, count=None, display=f"<{k}")
-            if 0 < count < k
+            if suppress and 0 < count < k
             else StatsRow(key=key, count=count, display=str(count))
             for key, count in sorted(counts.items())
         ]
         return cls(dimension=dimension, rows=rows, k=k)
+
+
+# --- registry search, releases, withdrawal -----------------------------------------------------
+
+#: A label condition ``scheme:name=value``: the exam has that label with that value.
+LabelCondition = Annotated[
+    str,
+    Field(
+        max_length=1500,
+        pattern=r"^[^:=]+:[^=]+=.*$",
+        description='"scheme:name=value", e.g. "cxr_appearance:typical=yes"',
+    ),
+]
+#: A clinical condition ``variable=value``: the exam's clinical variable has that value.
+ClinicalCondition = Annotated[
+    str,
+    Field(max_length=300, pattern=r"^[^=]+=.*$", description='"variable=value", e.g. "sex=F"'),
+]
+#: A release's name; it names the release's folder too.
+ReleaseName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description='1-64 characters of letters, digits, ".", "_" and "-"',
+    ),
+]
+
+
+class ExamFilters(_Inbound):
+    """Which exams a search or a release takes; every condition given must hold.
+
+    Study dates are the de-identified ones, shifted per patient by the site's
+    date shift: a date range selects on shifted dates, so it is approximate
+    across patients (exact only for intervals within one patient).
+    """
+
+    site: SiteName | None = None
+    modality: Code | None = Field(
+        default=None, description="an exam matches if any of its modalities is this one"
+    )
+    body_part: str | None = Field(default=None, min_length=1, max_length=64)
+    labels: list[LabelCondition] = Field(default_factory=list, description="all must hold")
+    clinical: list[ClinicalCondition] = Field(default_factory=list, description="all must hold")
+    study_date_from: dt.date | None = Field(default=None, description="inclusive, shifted date")
+    study_date_to: dt.date | None = Field(default=None, description="inclusive, shifted date")
+
+    @model_validator(mode="after")
+    def _ordered_dates(self) -> ExamFilters:
+        if (
+            self.study_date_from is not None
+            and self.study_date_to is not None
+            and self.study_date_from > self.study_date_to
+        ):
+            raise ValueError("study_date_from is after study_date_to")
+        return self
+
+
+class ExamSort(StrEnum):
+    STUDY_DATE = "study_date"
+    REGISTERED_AT = "registered_at"
+
+
+class SortOrder(StrEnum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+class ReleaseCreate(_Inbound):
+    """Freeze the exams matching ``filters`` (withdrawn ones never) into a named release."""
+
+    name: ReleaseName
+    filters: ExamFilters = Field(default_factory=ExamFilters)
+    export: bool = Field(
+        default=True, description="also write its folder under the coordinator's releases dir"
+    )
+
+
+class ReleasePublic(_Public):
+    name: ReleaseName
+    created_at: dt.datetime
+    created_by: str
+    filters: ExamFilters
+    manifest_sha256: Sha256 = Field(description="SHA-256 of the release's manifest.json")
+    exam_count: int = Field(ge=0)
+    instance_count: int = Field(ge=0)
+    withdrawn: list[Uid] = Field(
+        default_factory=list,
+        description="its exams that their sites withdrew since; the release still holds them",
+    )
+
+
+class ReleaseDiff(_Public):
+    """Exams of release ``b`` that ``a`` lacks (added) and of ``a`` that ``b`` lacks (removed)."""
+
+    a: ReleaseName
+    b: ReleaseName
+    added: list[Uid]
+    removed: list[Uid]
+    unchanged: int = Field(ge=0, description="exams in both")
+
+
+class ReleaseFile(_Public):
+    """One file of a release: its path in the release folder and its digest."""
+
+    path: str = Field(description="<pseudonym>/<study uid>/<series uid>/<sop uid>.dcm")
+    sha256: Sha256
+    size: int = Field(gt=0, description="bytes")
+
+
+class ReleaseExamEntry(_Public):
+    """One exam of a release, with its labels, clinical variables and files."""
+
+    study_instance_uid: Uid
+    pseudonym: str
+    site: SiteName
+    study_date: dt.date | None = Field(description="shifted with the patient's date shift")
+    modalities: list[str]
+    body_part: str | None
+    exam_manifest_sha256: Sha256 = Field(description="of the manifest the site signed")
+    labels: list[LabelEntry] = Field(default_factory=list)
+    clinical: dict[str, str] = Field(default_factory=dict)
+    files: list[ReleaseFile]
+
+
+class ReleaseManifest(_Public):
+    """A release's ``manifest.json``: what it holds, file by file; its SHA-256 names it."""
+
+    format: str = Field(default="radfed-release/1", description="this document's format")
+    name: ReleaseName
+    created_at: dt.datetime
+    filters: ExamFilters
+    exam_count: int = Field(ge=0)
+    instance_count: int = Field(ge=0)
+    exams: list[ReleaseExamEntry]
+
+
+class WithdrawRequest(_Inbound):
+    """A site withdraws one of its exams: it leaves search, statistics and later releases."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ExamWithdrawn(_Public):
+    study_instance_uid: Uid
+    withdrawn_at: dt.datetime
+    releases: list[ReleaseName] = Field(
+        default_factory=list, description="earlier releases that still hold it"
+    )

@@ -278,12 +278,36 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/sites"): {"operator"},
     ("POST", "/api/v1/sites/{name}/revoke"): {"operator"},
     ("GET", "/api/v1/audit/verify"): {"operator"},
+    ("POST", "/api/v1/uploads"): {"node"},
+    ("GET", "/api/v1/uploads/{upload_id}"): {"node"},
+    ("PUT", "/api/v1/uploads/{upload_id}/files/{sha256}"): {"node"},
+    ("POST", "/api/v1/uploads/{upload_id}/complete"): {"node"},
+    ("GET", "/api/v1/exams"): {"operator", "researcher"},
+    ("GET", "/api/v1/exams/{study_uid}"): {"operator", "researcher"},
+    ("GET", "/api/v1/stats/{dimension}"): {"operator", "researcher"},
+    ("POST", "/api/v1/releases"): {"operator"},
+    ("GET", "/api/v1/releases"): {"operator", "researcher"},
+    ("GET", "/api/v1/releases/{name}"): {"operator", "researcher"},
+    ("GET", "/api/v1/releases/{a}/diff/{b}"): {"operator", "researcher"},
+    ("POST", "/api/v1/node/exams/{study_uid}/withdraw"): {"node"},
+}
+#: What path parameters are called with (nothing by these names exists).
+PLACEHOLDERS = {
+    "{name}": "no-such-site",
+    "{upload_id}": "0" * 32,
+    "{sha256}": "ab" * 32,
+    "{study_uid}": "1.2.3.4",
+    "{dimension}": "site",
+    "{a}": "no-such-release",
+    "{b}": "no-such-release",
 }
 CALLERS = ("nobody", "operator", "researcher", "node", "revoked node", "wrong token")
 
 
 def _call(federation: Federation, caller: str, method: str, template: str) -> httpx.Response:
-    path = template.replace("{name}", "no-such-site")
+    path = template
+    for parameter, value in PLACEHOLDERS.items():
+        path = path.replace(parameter, value)
     headers: dict[str, str] = {}
     node: Node | None = None
     if caller in ("operator", "researcher", "wrong token"):
@@ -306,6 +330,10 @@ def _call(federation: Federation, caller: str, method: str, template: str) -> ht
             "counts": {},
             "sent_at": dt.datetime.now(dt.UTC).isoformat(),
         }
+    elif path == "/api/v1/releases" and method == "POST":
+        body = {"name": "no-such-release", "filters": {"site": "no-such-site"}, "export": False}
+    elif path.endswith("/withdraw"):
+        body = {"reason": "authorization matrix"}
     return httpx.request(
         method,
         f"{federation.coordinator.url}{path}",

@@ -288,6 +288,7 @@ def test_api_tokens_are_stored_hashed_and_die_when_revoked(db: Database) -> None
     # Execute
     token = tokens.create(db, "rita", "researcher", "cli")
     found = tokens.check(db, token)
+    tokens.check(db, token)  # the same session: no second login
     tokens.revoke(db, "rita", "cli")
 
     # Assert
@@ -298,7 +299,15 @@ def test_api_tokens_are_stored_hashed_and_die_when_revoked(db: Database) -> None
         from coordinator.registry.models import ApiToken
 
         stored = session.scalars(select(ApiToken.token_hash)).all()
-        assert audit.verify(session).entries == 2
+        assert audit.verify(session).entries == 3
+        actions = session.execute(
+            select(AuditEntry.action, AuditEntry.actor).order_by(AuditEntry.seq)
+        ).all()
+    assert [tuple(a) for a in actions] == [
+        ("token.create", "cli"),
+        ("login", "rita"),
+        ("token.revoke", "cli"),
+    ]
     assert token not in stored and tokens.token_hash(token) in stored
     with pytest.raises(CoordinatorError) as bad:
         tokens.create(db, "x", "admin", "cli")

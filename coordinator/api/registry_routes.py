@@ -1,0 +1,140 @@
+"""The registry over HTTP: exam search and detail, statistics, releases, withdrawal.
+
+Operators and researchers read (``Reader``); statistics show researchers
+counts under k as ``<k`` and operators exact counts. Operators cut releases
+(``Operator``); a node withdraws its own site's exams (``Node``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+
+from coordinator import releases
+from coordinator.api.app import Node, Operator, Reader, require_operator, require_reader
+from coordinator.errors import CoordinatorError
+from coordinator.objects import ObjectStore
+from coordinator.registry import search
+from coordinator.registry.db import Database
+from coordinator.settings import CoordinatorSettings
+from protocols.api.coordinator import (
+    ExamDetail,
+    ExamPage,
+    ExamSort,
+    ExamWithdrawn,
+    ReleaseCreate,
+    ReleaseDiff,
+    ReleasePublic,
+    SortOrder,
+    StatsTable,
+    WithdrawRequest,
+)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who reads statistics: operators see exact counts."""
+
+    name: str
+    operator: bool
+
+
+def require_viewer(request: Request) -> Viewer:
+    """An operator or a researcher, and which of the two."""
+    try:
+        return Viewer(require_operator(request), operator=True)
+    except CoordinatorError as exc:
+        if exc.code != "forbidden":
+            raise
+    return Viewer(require_reader(request), operator=False)
+
+
+Viewing = Annotated[Viewer, Depends(require_viewer)]
+
+
+def mount_registry(
+    app: FastAPI, settings: CoordinatorSettings, db: Database, store: ObjectStore
+) -> None:
+    """Add the registry and release routes to the coordinator's app."""
+
+    @app.get("/api/v1/exams", response_model=ExamPage)
+    def list_exams(
+        _: Reader,
+        site: str | None = None,
+        modality: str | None = None,
+        body_part: str | None = None,
+        label: Annotated[
+            list[str] | None, Query(description='"scheme:name=value", repeatable')
+        ] = None,
+        clinical: Annotated[list[str] | None, Query(description='"variable=value"')] = None,
+        date_from: Annotated[dt.date | None, Query(description="shifted study date")] = None,
+        date_to: Annotated[dt.date | None, Query(description="shifted study date")] = None,
+        include_withdrawn: bool = False,
+        sort: ExamSort = ExamSort.STUDY_DATE,
+        order: SortOrder = SortOrder.DESC,
+        limit: Annotated[int, Query(ge=1, le=search.MAX_LIMIT)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> ExamPage:
+        """Exams matching every filter given; withdrawn ones only with ``include_withdrawn``."""
+        filters = search.make_filters(
+            site=site,
+            modality=modality,
+            body_part=body_part,
+            labels=label or [],
+            clinical=clinical or [],
+            study_date_from=date_from,
+            study_date_to=date_to,
+        )
+        return search.search(
+            db,
+            filters,
+            include_withdrawn=include_withdrawn,
+            sort=sort,
+            order=order,
+            limit=limit,
+            offset=offset,
+        )
+
+    @app.get("/api/v1/exams/{study_uid}", response_model=ExamDetail)
+    def exam_detail(study_uid: str, _: Reader) -> ExamDetail:
+        return search.detail(db, study_uid)
+
+    @app.get("/api/v1/stats/{dimension}", response_model=StatsTable)
+    def exam_stats(
+        dimension: str,
+        viewer: Viewing,
+        label: Annotated[
+            str | None, Query(description='with dimension "label": one "scheme:name"')
+        ] = None,
+    ) -> StatsTable:
+        """Non-withdrawn exams counted by site, modality or label (``<k`` for researchers)."""
+        return search.stats(
+            db, dimension, k=settings.small_count_k, exact=viewer.operator, label=label
+        )
+
+    @app.post("/api/v1/releases", response_model=ReleasePublic, status_code=201)
+    def create_release(body: ReleaseCreate, who: Operator) -> ReleasePublic:
+        """Freeze the matching exams into a release (exported under the releases folder)."""
+        return releases.create(
+            db, store, settings, body.name, body.filters, who, export=body.export
+        )
+
+    @app.get("/api/v1/releases", response_model=list[ReleasePublic])
+    def list_releases(_: Reader) -> list[ReleasePublic]:
+        return releases.list_releases(db)
+
+    @app.get("/api/v1/releases/{name}", response_model=ReleasePublic)
+    def show_release(name: str, _: Reader) -> ReleasePublic:
+        return releases.get(db, name)
+
+    @app.get("/api/v1/releases/{a}/diff/{b}", response_model=ReleaseDiff)
+    def diff_releases(a: str, b: str, _: Reader) -> ReleaseDiff:
+        return releases.diff(db, a, b)
+
+    @app.post("/api/v1/node/exams/{study_uid}/withdraw", response_model=ExamWithdrawn)
+    def withdraw_exam(study_uid: str, body: WithdrawRequest, node: Node) -> ExamWithdrawn:
+        """A site withdraws one of its exams (idempotent)."""
+        return releases.withdraw(db, node.site_id, study_uid, body.reason, f"site:{node.site}")

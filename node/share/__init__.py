@@ -1,0 +1,1 @@
+"""Sharing exams with the coordinator: signed manifests and resumable uploads."""
