@@ -349,6 +349,75 @@ def heartbeat(home: HomeOption = None) -> None:
     out.print("heartbeat delivered")
 
 
+def _sender(settings: NodeSettings) -> Any:
+    from node import federation
+    from node.share.outbox import Sender
+    from node.vetting.policy import VettingPolicy
+
+    index = open_index(settings)
+    policy = VettingPolicy.load(settings.policy_path)
+    return Sender(index, settings, lambda: federation.CoordinatorClient(settings), lambda: policy)
+
+
+@app.command()
+def share(home: HomeOption = None) -> None:
+    """Send now: queue every approved study, then send everything queued (retries too).
+
+    Exit 0 when everything sent was registered; 1 when something was held, failed
+    or will be retried (each is listed with its reason).
+    """
+    settings = _settings(home)
+    try:
+        sender = _sender(settings)
+        outcomes = sender.run_once(everything=True)
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    finally:
+        if "sender" in locals():
+            sender.stop()
+    table = Table("study", "what", "outcome", "detail")
+    for outcome in outcomes:
+        table.add_row(outcome.study_uid, outcome.kind, outcome.state, outcome.detail)
+    out.print(table if outcomes else "nothing to send")
+    if any(o.state not in ("shared", "done", "skipped") for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def withdraw(
+    study: Annotated[str, typer.Argument(help="The de-identified Study Instance UID.")],
+    reason: Annotated[str, typer.Option(help="Why (kept here and at the coordinator).")] = "",
+    home: HomeOption = None,
+) -> None:
+    """Withdraw a study: never shared from now on; the coordinator is told (queued if away)."""
+    from node.share import outbox
+
+    settings = _settings(home)
+    try:
+        index = open_index(settings)
+        tell = outbox.withdraw(index, study, reason or "withdrawn by the site", actor="cli")
+    except NodeError as exc:
+        raise _fail(exc.message) from exc
+    if not tell:
+        out.print(f"study {study} withdrawn (it never left this node)")
+        return
+    from node import federation
+
+    if not federation.enrolled(settings):
+        out.print(f"study {study} withdrawn; the coordinator will be told once enrolled")
+        return
+    sender = _sender(settings)
+    try:
+        results = [o for o in sender.run_once(everything=True) if o.study_uid == study]
+    finally:
+        sender.stop()
+    told = any(o.kind == "withdrawal" and o.state == "done" for o in results)
+    out.print(
+        f"study {study} withdrawn; "
+        + ("the coordinator was told" if told else "the coordinator will be told (queued)")
+    )
+
+
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="Who or what the token is for.")],

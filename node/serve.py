@@ -42,12 +42,16 @@ def serve(settings: NodeSettings) -> None:
     listener = DicomListener(settings, index, engine_config(settings), metrics, vetter.wake)
     host, port = listener.start()
     vetter.start()
-    beats = None
+    beats = sender = None
     if federation.enrolled(settings):
+        from node.share.outbox import Sender
+
+        sender = Sender(index, settings, lambda: federation.CoordinatorClient(settings), policy)
+        sender.start()
         beats = federation.HeartbeatSender(
             settings,
             lambda: index.counts().by_status,
-            lambda: vetter.last_error,
+            lambda: vetter.last_error or sender.last_error if sender else vetter.last_error,
             settings.heartbeat_seconds,
         )
         beats.start()
@@ -76,5 +80,7 @@ def serve(settings: NodeSettings) -> None:
         vetter.stop()
         if beats is not None:
             beats.stop()
+        if sender is not None:
+            sender.stop()
         index.db.close()
         log.info("node stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

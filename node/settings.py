@@ -65,6 +65,10 @@ class NodeSettings(BaseSettings):
     #: ``serve`` vets a study once it has received no instance for this long: a PACS
     #: sends a study series by series, and DICOM has no end-of-study signal.
     study_stable_seconds: float = Field(default=30.0, ge=0)
+    #: How often ``serve``'s outbox looks for approved studies and retries that are due.
+    outbox_seconds: float = Field(default=10.0, gt=0)
+    #: Exams uploaded at the same time.
+    upload_concurrency: int = Field(default=2, ge=1, le=16)
     #: How often ``serve`` reports to the coordinator once the node is enrolled.
     heartbeat_seconds: float = Field(default=60.0, ge=1)
     #: Extra device masking rules (JSON) on top of the ones RadFed ships.

@@ -31,6 +31,7 @@ from protocols.api.node import (
     Counts,
     FindingPublic,
     Health,
+    OutboxEntryPublic,
     QuarantinePage,
     ReviewRequest,
     ReviewResult,
@@ -236,6 +237,14 @@ def create_app(
     def reject(study_uid: str, body: ReviewRequest, who: ReviewerToken) -> ReviewResult:
         outcome = review.reject(index, study_uid, who, body.reason)
         return ReviewResult(status=outcome.status, message=outcome.message)
+
+    @app.get("/api/v1/outbox", response_model=list[OutboxEntryPublic])
+    def outbox(
+        _: Operator,
+        state: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> list[OutboxEntryPublic]:
+        return index.outbox(state, limit)
 
     @app.get("/api/v1/counts", response_model=Counts)
     def counts(_: Operator) -> Counts:

@@ -38,6 +38,7 @@ from node.index.models import (
     ClinicalValue,
     Instance,
     Label,
+    OutboxEntry,
     Patient,
     QuarantineEntry,
     Series,
@@ -49,6 +50,7 @@ from protocols.api.node import (
     Counts,
     InstancePublic,
     LabelPublic,
+    OutboxEntryPublic,
     QuarantinePage,
     QuarantinePublic,
     SeriesPublic,
@@ -515,6 +517,33 @@ class NodeIndex:
                 labels=labels,
                 clinical=clinical,
             )
+
+    def outbox(self, state: str | None = None, limit: int = 100) -> list[OutboxEntryPublic]:
+        """The outbox, newest first."""
+        with self.db.read() as session:
+            query = (
+                select(OutboxEntry, Study.study_uid)
+                .join(Study, Study.id == OutboxEntry.study_id)
+                .order_by(OutboxEntry.id.desc())
+                .limit(limit)
+            )
+            if state:
+                query = query.where(OutboxEntry.state == state)
+            return [
+                OutboxEntryPublic(
+                    study_instance_uid=uid,
+                    kind=e.kind,
+                    state=e.state,
+                    attempts=e.attempts,
+                    next_attempt_at=e.next_attempt_at,
+                    bytes_sent=e.bytes_sent,
+                    bytes_total=e.bytes_total,
+                    last_code=e.last_code,
+                    last_error=e.last_error,
+                    updated_at=e.updated_at,
+                )
+                for e, uid in session.execute(query).all()
+            ]
 
     def counts(self) -> Counts:
         with self.db.read() as session:

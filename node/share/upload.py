@@ -39,13 +39,15 @@ def _error(response: httpx.Response) -> NodeError:
         return NodeError(
             str(body.get("code", "coordinator_error")),
             str(body.get("message", "")),
-            bool(body.get("retryable", response.status_code >= 500)),
+            bool(body.get("retryable", False))
+            or response.status_code >= 500
+            or response.status_code == 429,
         )
     except ValueError:
         return NodeError(
             "coordinator_error",
             f"HTTP {response.status_code} from the coordinator",
-            response.status_code >= 500,
+            response.status_code >= 500 or response.status_code == 429,
         )
 
 

@@ -156,3 +156,18 @@ class FindingPublic(_Model):
     location: str
     message: str
     excerpt: str
+
+
+class OutboxEntryPublic(_Model):
+    """One message of the node's outbox: an approved exam or a withdrawal."""
+
+    study_instance_uid: str
+    kind: str = Field(description='"exam" or "withdrawal"')
+    state: str = Field(description="queued, sending, done, held or failed")
+    attempts: int
+    next_attempt_at: dt.datetime
+    bytes_sent: int
+    bytes_total: int
+    last_code: str
+    last_error: str
+    updated_at: dt.datetime

@@ -104,3 +104,15 @@ def test_a_broken_policy_file_is_refused_with_its_reason(tmp_path: Path, text: s
 
     assert caught.value.code == "bad_policy"
     assert str(path) in caught.value.message
+
+
+def test_outbox_backoff_grows_with_jitter_and_is_capped() -> None:
+    from node.share.outbox import MAX_BACKOFF_S, backoff
+
+    waits = {attempt: [backoff(attempt) for _ in range(200)] for attempt in (1, 2, 3, 12)}
+
+    assert all(2.5 <= w <= 5 for w in waits[1])
+    assert all(5 <= w <= 10 for w in waits[2])
+    assert all(10 <= w <= 20 for w in waits[3])
+    assert all(MAX_BACKOFF_S / 2 <= w <= MAX_BACKOFF_S for w in waits[12])
+    assert len({round(w, 3) for w in waits[2]}) > 50  # jittered, not one value

@@ -1,0 +1,233 @@
+"""The node's outbox against a real coordinator process: send, gate, retry, refuse, withdraw.
+
+``radfed node share`` and ``radfed node withdraw`` run as an operator runs them;
+the coordinator is ``radfed coordinator serve`` on 127.0.0.1 over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from sqlalchemy import create_engine, text
+
+from radfed.synth.site import write_site_corpus
+from tests.helpers import CoordinatorProcess, NodeProcess, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Site:
+    coordinator: CoordinatorProcess
+    node: Path
+
+    def studies(self) -> dict[str, tuple[str, str]]:
+        """Study UID -> (modalities, status)."""
+        with sqlite3.connect(self.node / "index.sqlite") as db:
+            return {
+                uid: (mods, status)
+                for uid, mods, status in db.execute(
+                    "SELECT study_uid, modalities, status FROM studies"
+                )
+            }
+
+    def outbox(self) -> list[tuple[str, str, str, int, str]]:
+        """(study uid, kind, state, attempts, last code), oldest first."""
+        with sqlite3.connect(self.node / "index.sqlite") as db:
+            return [
+                tuple(row)
+                for row in db.execute(
+                    "SELECT s.study_uid, o.kind, o.state, o.attempts, o.last_code FROM outbox o "
+                    "JOIN studies s ON s.id = o.study_id ORDER BY o.id"
+                )
+            ]
+
+    def registry(self, sql: str) -> list[tuple[object, ...]]:
+        engine = create_engine(f"sqlite:///{self.coordinator.home / 'registry.sqlite'}")
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.execute(text(sql))]
+        finally:
+            engine.dispose()
+
+    def share(self) -> object:
+        return run_cli("node", "share", "--home", str(self.node))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    home = tmp_path / "coordinator"
+    run_cli("coordinator", "init", "--home", str(home), check=True)
+    token = run_cli("coordinator", "site", "add", "st-marys", "--home", str(home), check=True)
+    write_site_corpus(tmp_path / "export", patients=2, ct_slices=2, ct_size=32, cr_size=32)
+    node = tmp_path / "node"
+    run_cli("node", "ingest", str(tmp_path / "export"), "--home", str(node), "-q", check=True)
+    with CoordinatorProcess(home) as coordinator:
+        run_cli(
+            "node", "enroll", coordinator.url, token.stdout.strip(), "--home", str(node), check=True
+        )
+        yield Site(coordinator, node)
+
+
+def test_approved_exams_arrive_once_and_byte_identical_and_nothing_else_leaves(site: Site) -> None:
+    # Prepare
+    before = site.studies()
+    approved = {uid for uid, (_, status) in before.items() if status == "approved"}
+    assert approved and len(approved) < len(before)  # some are held for review
+
+    # Execute
+    first = site.share()
+    second = site.share()
+
+    # Assert
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert second.returncode == 0 and "nothing to send" in second.stdout
+    after = site.studies()
+    assert {uid for uid, (_, status) in after.items() if status == "shared"} == approved
+    registered = {row[0] for row in site.registry("SELECT study_uid FROM exams")}
+    assert registered == approved
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        stored = dict(
+            db.execute(
+                "SELECT i.sha256, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
+                "WHERE s.status = 'shared'"
+            ).fetchall()
+        )
+    for sha256, path in stored.items():
+        held = site.coordinator.home / "objects" / sha256[:2] / sha256[2:4] / sha256
+        assert held.read_bytes() == (site.node / "store" / path).read_bytes()
+    assert [(kind, state) for _, kind, state, _, _ in site.outbox()] == [("exam", "done")] * len(
+        approved
+    )
+    token = run_cli("node", "token", "create", "ops", "--home", str(site.node), check=True)
+    with NodeProcess(site.node) as node:
+        listed = httpx.get(
+            f"{node.url}/api/v1/outbox",
+            headers={"Authorization": f"Bearer {token.stdout.strip()}"},
+            timeout=30,
+        ).json()
+    assert {e["study_instance_uid"] for e in listed} == approved
+    assert all(e["state"] == "done" and e["bytes_sent"] == e["bytes_total"] > 0 for e in listed)
+
+
+def test_a_planted_name_is_stopped_by_the_send_time_gate(site: Site) -> None:
+    # Prepare: a name gets into an approved instance after review (index updated to match).
+    uid = next(u for u, (_, status) in site.studies().items() if status == "approved")
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        row_id, path = db.execute(
+            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
+            "WHERE s.study_uid = ? LIMIT 1",
+            (uid,),
+        ).fetchone()
+        ds = pydicom.dcmread(site.node / "store" / path)
+        ds.ImageComments = "for Harriet Smithfield, call 555-0142"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        (site.node / "store" / path).write_bytes(buffer.getvalue())
+        db.execute(
+            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
+            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
+        )
+
+    # Execute
+    result = site.share()
+
+    # Assert
+    assert result.returncode == 1 and "held" in result.stdout
+    assert site.studies()[uid][1] == "held"
+    assert site.registry(f"SELECT count(*) FROM exams WHERE study_uid = '{uid}'") == [(0,)]
+    assert site.registry(f"SELECT count(*) FROM uploads WHERE study_uid = '{uid}'") == [(0,)]
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        sources = {
+            r[0]
+            for r in db.execute(
+                "SELECT f.source FROM findings f JOIN studies s ON s.id = f.study_id "
+                "WHERE s.study_uid = ? AND f.resolved_at IS NULL",
+                (uid,),
+            )
+        }
+    assert "send-gate" in sources
+
+
+def test_an_unreachable_coordinator_is_retried_later_and_then_reached(site: Site) -> None:
+    # Prepare
+    site.coordinator.stop()
+
+    # Execute
+    away = site.share()
+    queued = site.outbox()
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        schedule = [
+            (dt.datetime.fromisoformat(due), dt.datetime.fromisoformat(decided))
+            for due, decided in db.execute("SELECT next_attempt_at, updated_at FROM outbox")
+        ]
+    site.coordinator.start()
+    back = site.share()
+
+    # Assert
+    assert away.returncode == 1 and "retrying" in away.stdout
+    assert {(state, attempts, code) for _, _, state, attempts, code in queued} == {
+        ("queued", 1, "coordinator_unreachable")
+    }
+    assert all(due - decided >= dt.timedelta(seconds=2) for due, decided in schedule)  # backoff
+    assert back.returncode == 0, back.stdout
+    assert {state for _, _, state, _, _ in site.outbox()} == {"done"}
+
+
+def test_a_revoked_site_stops_for_good_with_the_reason(site: Site) -> None:
+    # Prepare
+    run_cli(
+        "coordinator",
+        "site",
+        "revoke",
+        "st-marys",
+        "--home",
+        str(site.coordinator.home),
+        check=True,
+    )
+
+    # Execute
+    result = site.share()
+
+    # Assert
+    assert result.returncode == 1 and "revoked" in result.stdout
+    entries = site.outbox()
+    assert entries and {(state, code) for _, _, state, _, code in entries} == {
+        ("failed", "site_revoked")
+    }
+    assert {status for _, status in site.studies().values()} >= {"failed"}
+    assert site.registry("SELECT count(*) FROM exams") == [(0,)]
+
+
+def test_a_withdrawal_reaches_the_coordinator_even_if_it_was_away(site: Site) -> None:
+    # Prepare
+    site.share()
+    shared = [uid for uid, (_, status) in site.studies().items() if status == "shared"]
+    site.coordinator.stop()
+
+    # Execute
+    offline = run_cli(
+        "node", "withdraw", shared[0], "--reason", "consent withdrawn", "--home", str(site.node)
+    )
+    site.coordinator.start()
+    later = site.share()
+
+    # Assert
+    assert offline.returncode == 0 and "will be told" in offline.stdout
+    assert later.returncode == 0, later.stdout
+    assert site.studies()[shared[0]][1] == "withdrawn"
+    assert ("withdrawal", "done") in {(kind, state) for _, kind, state, _, _ in site.outbox()}
+    rows = site.registry(
+        "SELECT withdrawn_at IS NOT NULL, withdrawn_reason FROM exams "
+        f"WHERE study_uid = '{shared[0]}'"
+    )
+    assert rows == [(1, "consent withdrawn")]
