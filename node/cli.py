@@ -418,6 +418,28 @@ def withdraw(
     )
 
 
+@app.command()
+def doctor(home: HomeOption = None) -> None:
+    """Check the way to the coordinator: DNS, TCP, TLS, certificate, clock, proxy, protocol, disk.
+
+    Exit 0 when every check passed, 1 otherwise (each failure says how to fix it).
+    """
+    from node import doctor as checks
+
+    settings = _settings(home)
+    results = checks.run(settings)
+    for check in results:
+        if check.skipped:
+            mark = "[dim]  -[/dim]"
+        else:
+            mark = "[green] ok[/green]" if check.ok else "[red]FAIL[/red]"
+        out.print(f"{mark}  {check.name}: {check.detail}", highlight=False)
+        if not check.ok and check.fix:
+            out.print(f"      fix: {check.fix}", highlight=False)
+    if not all(c.ok for c in results):
+        raise typer.Exit(1)
+
+
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="Who or what the token is for.")],

@@ -107,7 +107,12 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
     expected = _ca_fingerprint(token)
     try:
         # Fetched without verification, then pinned: only the token's fingerprint counts.
-        answer = httpx.get(f"{url}/api/v1/enroll/ca", verify=False, timeout=TIMEOUT)  # noqa: S501
+        answer = httpx.get(
+            f"{url}/api/v1/enroll/ca",
+            verify=False,  # noqa: S501 - pinned to the token's fingerprint below
+            timeout=TIMEOUT,
+            proxy=settings.proxy_url,
+        )
         answer.raise_for_status()
         ca = x509.load_pem_x509_certificate(answer.content)
     except (httpx.HTTPError, ValueError) as exc:
@@ -136,6 +141,7 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
             json=request.model_dump(mode="json"),
             verify=context,
             timeout=TIMEOUT,
+            proxy=settings.proxy_url,
         )
     except httpx.HTTPError as exc:
         raise NodeError("coordinator_unreachable", f"cannot reach {url}: {exc}", True) from exc
@@ -198,7 +204,10 @@ class CoordinatorClient:
         self.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
         context = ssl.create_default_context(cafile=str(where.ca))
         context.load_cert_chain(str(where.cert), str(where.key))
-        self._http = httpx.Client(base_url=self.url, verify=context, timeout=TIMEOUT)
+        # Outbound only; through the site's proxy when it has one (else HTTPS_PROXY applies).
+        self._http = httpx.Client(
+            base_url=self.url, verify=context, timeout=TIMEOUT, proxy=settings.proxy_url
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}) or {})

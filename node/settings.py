@@ -67,6 +67,11 @@ class NodeSettings(BaseSettings):
     study_stable_seconds: float = Field(default=30.0, ge=0)
     #: How often ``serve``'s outbox looks for approved studies and retries that are due.
     outbox_seconds: float = Field(default=10.0, gt=0)
+    #: HTTP(S) proxy for the coordinator (``http://proxy.hospital:3128``); without it the
+    #: usual HTTPS_PROXY / NO_PROXY environment variables apply.
+    proxy_url: str | None = None
+    #: Upload bandwidth cap in megabits per second (all uploads together); none by default.
+    upload_limit_mbps: float | None = Field(default=None, gt=0)
     #: Exams uploaded at the same time.
     upload_concurrency: int = Field(default=2, ge=1, le=16)
     #: How often ``serve`` reports to the coordinator once the node is enrolled.

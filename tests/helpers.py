@@ -332,3 +332,99 @@ class CoordinatorProcess:
     def __exit__(self, *_: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class ConnectProxy:
+    """A small HTTP CONNECT proxy on 127.0.0.1 that records where it connected.
+
+    Stands in for a hospital's outbound proxy. ``drop_after`` bytes (client to
+    server, per tunnel) cuts the tunnel mid-stream, as a flaky network would.
+    """
+
+    def __init__(self, drop_after: int | None = None) -> None:
+        import socket
+        import threading
+
+        self.drop_after = drop_after
+        self.targets: list[str] = []
+        self.dropped = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.5)
+        self.port = self._server.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ConnectProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: Any) -> None:
+        import contextlib
+        import socket
+        import threading
+
+        with client:
+            client.settimeout(30)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 8192:
+                data = client.recv(4096)
+                if not data:
+                    return
+                request += data
+            line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) < 2 or line[0] != "CONNECT":
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            host, port = line[1].rsplit(":", 1)
+            self.targets.append(line[1])
+            try:
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+            except OSError:
+                client.sendall(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+                return
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            with upstream:
+                sent = [0]
+
+                def pump(source: Any, sink: Any, count: bool) -> None:
+                    try:
+                        while True:
+                            data = source.recv(65536)
+                            if not data:
+                                break
+                            if count and self.drop_after is not None:
+                                sent[0] += len(data)
+                                if sent[0] > self.drop_after:
+                                    self.dropped += 1
+                                    break
+                            sink.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        for end in (source, sink):
+                            with contextlib.suppress(OSError):
+                                end.shutdown(socket.SHUT_RDWR)
+
+                back = threading.Thread(target=pump, args=(upstream, client, False), daemon=True)
+                back.start()
+                pump(client, upstream, True)
+                back.join(30)

@@ -42,7 +42,7 @@ from node.index.originals import original_identifiers
 from node.index.store import NodeIndex
 from node.settings import NodeSettings
 from node.share.manifest import ExamPackage, package
-from node.share.upload import send_exam
+from node.share.upload import RateLimiter, send_exam
 from node.site import safe_private
 from node.vetting.policy import VettingPolicy
 from protocols.api.coordinator import Receipt, Rejection, WithdrawRequest
@@ -148,6 +148,8 @@ class Sender:
         self.policy = policy
         self._client: object | None = None
         self._client_lock = threading.Lock()
+        limit = settings.upload_limit_mbps
+        self.limiter = RateLimiter(limit * 1e6 / 8) if limit else None
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -264,7 +266,13 @@ class Sender:
                 self._progress(entry.id, sum(offsets.values()), sum(sizes.values()), None)
 
         # A few quick retries ride out a blip mid-upload; longer outages are the outbox's.
-        outcome = send_exam(client, exam, attempts=3, on_chunk=progress)  # type: ignore[arg-type]
+        outcome = send_exam(
+            client,  # type: ignore[arg-type]
+            exam,
+            attempts=3,
+            on_chunk=progress,
+            limiter=self.limiter,
+        )
         if isinstance(outcome, Receipt):
             with self.index.db.write() as session:
                 row = session.get(OutboxEntry, entry.id)

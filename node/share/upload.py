@@ -11,6 +11,7 @@ does not match, PHI found) comes back as a ``Rejection`` and is not retried.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,27 @@ from protocols.api.coordinator import (
 
 log = logging.getLogger("radfed.node.share")
 CHUNK = 8 * 1024 * 1024
+
+
+class RateLimiter:
+    """A token bucket shared by every upload of a node: at most ``bytes_per_s`` on average."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.rate = bytes_per_s
+        self._allowance = bytes_per_s
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> None:
+        """Wait until ``amount`` bytes may go."""
+        with self._lock:
+            now = time.monotonic()
+            self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+            self._last = now
+            self._allowance -= amount
+            wait = -self._allowance / self.rate if self._allowance < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
 
 
 def _error(response: httpx.Response) -> NodeError:
@@ -75,6 +97,7 @@ def send_exam(
     attempts: int = 6,
     pause: float = 0.5,
     on_chunk: Callable[[str, int], None] | None = None,
+    limiter: RateLimiter | None = None,
 ) -> Receipt | Rejection:
     """Upload one exam; the coordinator's receipt, or its rejection with reasons."""
     body = UploadCreate(signed=exam.signed).model_dump(mode="json")
@@ -98,6 +121,7 @@ def send_exam(
             attempts,
             pause,
             on_chunk,
+            limiter,
         )
     path = f"/api/v1/uploads/{upload.upload_id}/complete"
     response = _retrying(lambda: client.request("POST", path), attempts, pause)
@@ -117,6 +141,7 @@ def _send_file(
     attempts: int,
     pause: float,
     on_chunk: Callable[[str, int], None] | None,
+    limiter: RateLimiter | None = None,
 ) -> None:
     url = f"/api/v1/uploads/{upload_id}/files/{state.sha256}"
     offset = state.received
@@ -125,6 +150,8 @@ def _send_file(
         while offset < state.size:
             handle.seek(offset)
             data = handle.read(min(chunk, state.size - offset))
+            if limiter is not None:
+                limiter.take(len(data))
             try:
                 response = client.request(
                     "PUT",

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from radfed.synth.site import write_site_corpus
-from tests.helpers import CoordinatorProcess, NodeProcess, run_cli
+from tests.helpers import ConnectProxy, CoordinatorProcess, NodeProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +231,74 @@ def test_a_withdrawal_reaches_the_coordinator_even_if_it_was_away(site: Site) ->
         f"WHERE study_uid = '{shared[0]}'"
     )
     assert rows == [(1, "consent withdrawn")]
+
+
+def test_uploads_go_through_the_hospital_proxy(site: Site) -> None:
+    # Prepare
+    with ConnectProxy() as proxy:
+        env = {"RADFED_NODE_PROXY_URL": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+
+        # Execute
+        result = run_cli("node", "share", "--home", str(site.node), env=env)
+        checked = run_cli("node", "doctor", "--home", str(site.node), env=env)
+
+    # Assert
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"127.0.0.1:{site.coordinator.port}" in proxy.targets
+    assert checked.returncode == 0, checked.stdout
+    assert f"goes through {proxy.url}" in checked.stdout
+
+
+def test_a_connection_cut_mid_upload_is_resumed(site: Site) -> None:
+    # Prepare: the proxy cuts every tunnel once the node has sent 2.5 kB through it.
+    with ConnectProxy(drop_after=2_500) as flaky:
+        env = {"RADFED_NODE_PROXY_URL": flaky.url}
+
+        # Execute
+        cut = run_cli("node", "share", "--home", str(site.node), env=env)
+    done = site.share()
+
+    # Assert
+    assert flaky.dropped > 0
+    assert cut.returncode == 1 and "retrying" in cut.stdout
+    assert done.returncode == 0, done.stdout
+    approved = {u for u, (_, status) in site.studies().items() if status == "shared"}
+    assert {row[0] for row in site.registry("SELECT study_uid FROM exams")} == approved
+
+
+def test_doctor_names_what_is_wrong_and_how_to_fix_it(site: Site, tmp_path: Path) -> None:
+    # Execute
+    healthy = run_cli("node", "doctor", "--home", str(site.node))
+    lonely = run_cli("node", "doctor", "--home", str(tmp_path / "never-enrolled"))
+    site.coordinator.stop()
+    down = run_cli("node", "doctor", "--home", str(site.node))
+    site.coordinator.start()
+    run_cli(
+        "coordinator",
+        "site",
+        "revoke",
+        "st-marys",
+        "--home",
+        str(site.coordinator.home),
+        check=True,
+    )
+    revoked = run_cli("node", "doctor", "--home", str(site.node))
+
+    # Assert
+    assert healthy.returncode == 0, healthy.stdout
+    for name in (
+        "free disk",
+        "enrollment",
+        "node certificate",
+        "proxy",
+        "name resolution",
+        "TCP connection",
+        "TLS handshake",
+        "coordinator",
+    ):
+        assert f" ok  {name}:" in healthy.stdout
+    assert lonely.returncode == 1 and "radfed node enroll URL TOKEN" in lonely.stdout
+    assert down.returncode == 1 and "FAIL  TCP connection" in down.stdout
+    assert "fix: is the coordinator running?" in down.stdout
+    assert "-  TLS handshake: skipped" in down.stdout
+    assert revoked.returncode == 1 and "site_revoked" in revoked.stdout

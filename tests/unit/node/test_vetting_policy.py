@@ -116,3 +116,24 @@ def test_outbox_backoff_grows_with_jitter_and_is_capped() -> None:
     assert all(10 <= w <= 20 for w in waits[3])
     assert all(MAX_BACKOFF_S / 2 <= w <= MAX_BACKOFF_S for w in waits[12])
     assert len({round(w, 3) for w in waits[2]}) > 50  # jittered, not one value
+
+
+def test_the_upload_rate_limiter_keeps_the_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.share import upload
+
+    clock = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(upload.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(upload.time, "sleep", sleep)
+    limiter = upload.RateLimiter(1_000_000)  # 1 MB/s
+
+    for _ in range(10):
+        limiter.take(500_000)  # 5 MB in all
+
+    # The first second's allowance is free; the other 4 MB take 4 s.
+    assert sum(slept) == pytest.approx(4.0)
