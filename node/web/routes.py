@@ -165,6 +165,13 @@ def mount_web(
             statuses=[s.value for s in StudyStatus],
         )
 
+    @router.get("/outbox")
+    def outbox_page(request: Request, user: Reviewer, state: str = "") -> HTMLResponse:
+        wanted = state if state in ("queued", "sending", "done", "held", "failed") else ""
+        return page(
+            "outbox.html", request, user, entries=index.outbox(wanted or None, 200), state=wanted
+        )
+
     @router.get("/policy")
     def policy_page(request: Request, user: Reviewer) -> HTMLResponse:
         return page(

@@ -115,8 +115,33 @@ def test_approved_exams_arrive_once_and_byte_identical_and_nothing_else_leaves(s
             headers={"Authorization": f"Bearer {token.stdout.strip()}"},
             timeout=30,
         ).json()
+        page = _signed_in(node).get("/outbox").text
     assert {e["study_instance_uid"] for e in listed} == approved
     assert all(e["state"] == "done" and e["bytes_sent"] == e["bytes_total"] > 0 for e in listed)
+    assert all(f'data-uid="{uid}"' in page for uid in approved)
+    assert page.count('class="entry state-done"') == len(approved) and "100%" in page
+
+
+def _signed_in(node: NodeProcess) -> httpx.Client:
+    secret = node.home / "ops.password"
+    secret.write_text("a long enough passphrase")
+    run_cli(
+        "node",
+        "user",
+        "create",
+        "ops",
+        "--role",
+        "operator",
+        "--password-file",
+        str(secret),
+        "--home",
+        str(node.home),
+        check=True,
+    )
+    client = httpx.Client(base_url=node.url, timeout=30)
+    answer = client.post("/login", data={"name": "ops", "password": "a long enough passphrase"})
+    assert answer.status_code == 303
+    return client
 
 
 def test_a_planted_name_is_stopped_by_the_send_time_gate(site: Site) -> None:
