@@ -74,6 +74,8 @@ PERMANENT = frozenset(
     }
 )
 MAX_BACKOFF_S = 900.0
+#: A "sending" entry not touched for this long was left by a sender that died.
+STALE_SENDING = dt.timedelta(minutes=10)
 
 
 def backoff(attempts: int, base: float = 5.0) -> float:
@@ -124,6 +126,23 @@ def withdraw(index: NodeIndex, study_uid: str, reason: str, actor: str) -> bool:
     return tell
 
 
+def recover(index: NodeIndex, older_than: dt.timedelta = STALE_SENDING) -> int:
+    """Put entries a dead sender left ``sending`` back in the queue (the upload resumes)."""
+    cutoff = utcnow() - older_than
+    with index.db.write() as session:
+        stale = session.scalars(
+            select(OutboxEntry).where(
+                OutboxEntry.state == "sending", OutboxEntry.updated_at <= cutoff
+            )
+        ).all()
+        for entry in stale:
+            entry.state, entry.next_attempt_at, entry.updated_at = "queued", utcnow(), utcnow()
+            entry.last_code, entry.last_error = "interrupted", "the sender stopped mid-send"
+    if stale:
+        log.warning("resuming %d upload(s) a stopped sender left behind", len(stale))
+    return len(stale)
+
+
 @dataclass
 class Outcome:
     study_uid: str
@@ -158,6 +177,8 @@ class Sender:
     # -- background ------------------------------------------------------------------
 
     def start(self) -> None:
+        # This process is the node's sender now: whatever a dead one left "sending" resumes.
+        recover(self.index, older_than=dt.timedelta(0))
         self._thread.start()
 
     def wake(self) -> None:
@@ -186,6 +207,7 @@ class Sender:
 
     def run_once(self, everything: bool = False) -> list[Outcome]:
         """Queue what was approved, then send what is due (``everything``: ignore backoff)."""
+        recover(self.index)
         enqueue(self.index)
         now = utcnow()
         with self.index.db.read() as session:

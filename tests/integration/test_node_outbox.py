@@ -327,3 +327,26 @@ def test_doctor_names_what_is_wrong_and_how_to_fix_it(site: Site, tmp_path: Path
     assert "fix: is the coordinator running?" in down.stdout
     assert "-  TLS handshake: skipped" in down.stdout
     assert revoked.returncode == 1 and "site_revoked" in revoked.stdout
+
+
+def test_a_sender_that_died_mid_send_is_resumed(site: Site) -> None:
+    # Prepare: a first pass is killed while sending (its entry stays "sending").
+    from node.settings import load_settings
+    from node.share.outbox import enqueue
+    from node.site import open_index
+
+    index = open_index(load_settings(site.node))
+    queued = enqueue(index)
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        db.execute(
+            "UPDATE outbox SET state = 'sending', attempts = 1, "
+            "updated_at = datetime('now', '-1 hour')"
+        )
+
+    # Execute
+    result = site.share()
+
+    # Assert
+    assert queued > 0
+    assert result.returncode == 0, result.stdout
+    assert {(state, attempts) for _, _, state, attempts, _ in site.outbox()} == {("done", 2)}
