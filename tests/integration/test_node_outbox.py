@@ -350,3 +350,49 @@ def test_a_sender_that_died_mid_send_is_resumed(site: Site) -> None:
     assert queued > 0
     assert result.returncode == 0, result.stdout
     assert {(state, attempts) for _, _, state, attempts, _ in site.outbox()} == {("done", 2)}
+
+
+def test_what_the_coordinator_finds_sends_the_study_back_to_review(site: Site) -> None:
+    # Prepare: this site's policy holds only critical findings (a lax setting), so an
+    # attribute the profile removes, left in after review, passes the node's gate.
+    (site.node / "policy.toml").write_text('[hold]\nfindings_at_or_above = "critical"\n')
+    uid = next(u for u, (_, status) in site.studies().items() if status == "approved")
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        row_id, path = db.execute(
+            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
+            "WHERE s.study_uid = ? LIMIT 1",
+            (uid,),
+        ).fetchone()
+        ds = pydicom.dcmread(site.node / "store" / path)
+        ds.ImageComments = "follow-up in clinic B"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        (site.node / "store" / path).write_bytes(buffer.getvalue())
+        db.execute(
+            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
+            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
+        )
+
+    # Execute
+    result = site.share()
+
+    # Assert
+    assert result.returncode == 1 and "held" in result.stdout
+    assert site.studies()[uid][1] == "held"
+    assert site.registry(f"SELECT status FROM uploads WHERE study_uid = '{uid}'") == [
+        ("quarantined",)
+    ]
+    assert site.registry(f"SELECT count(*) FROM exams WHERE study_uid = '{uid}'") == [(0,)]
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        found = db.execute(
+            "SELECT f.source, f.kind FROM findings f JOIN studies s ON s.id = f.study_id "
+            "WHERE s.study_uid = ? AND f.resolved_at IS NULL",
+            (uid,),
+        ).fetchall()
+        history = db.execute(
+            "SELECT c.actor, c.reason FROM status_changes c JOIN studies s ON s.id = c.study_id "
+            "WHERE s.study_uid = ? ORDER BY c.id DESC LIMIT 1",
+            (uid,),
+        ).fetchone()
+    assert ("coordinator", "not_removed") in found
+    assert history[0] == "coordinator" and "coordinator's PHI scan" in history[1]
