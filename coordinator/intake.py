@@ -101,7 +101,28 @@ class Intake:
     # -- opening -------------------------------------------------------------------------
 
     def open(self, node: NodeIdentity, body: UploadCreate) -> UploadPublic:
-        """An upload session for a signed manifest (the same one again: the same session)."""
+        """An upload session for a signed manifest (the same one again: the same session).
+
+        A refusal (signature, site, a conflicting exam) is audited before it is raised.
+        """
+        try:
+            return self._open(node, body)
+        except CoordinatorError as exc:
+            if exc.retryable:
+                raise
+            with self.db.write() as session:
+                audit.append(
+                    session,
+                    "intake",
+                    "upload.refused",
+                    body.signed.manifest.study_instance_uid,
+                    site=node.site,
+                    code=exc.code,
+                    message=exc.message,
+                )
+            raise
+
+    def _open(self, node: NodeIdentity, body: UploadCreate) -> UploadPublic:
         manifest = self._verified(node, body.signed)
         digest = manifest_digest(manifest)
         study_uid = manifest.study_instance_uid

@@ -338,14 +338,17 @@ class ConnectProxy:
     """A small HTTP CONNECT proxy on 127.0.0.1 that records where it connected.
 
     Stands in for a hospital's outbound proxy. ``drop_after`` bytes (client to
-    server, per tunnel) cuts the tunnel mid-stream, as a flaky network would.
+    server, per tunnel) cuts the tunnel mid-stream, as a flaky network would; ``corrupt_at``
+    flips the byte at that offset of the first tunnel that gets that far (once).
     """
 
-    def __init__(self, drop_after: int | None = None) -> None:
+    def __init__(self, drop_after: int | None = None, corrupt_at: int | None = None) -> None:
         import socket
         import threading
 
         self.drop_after = drop_after
+        self.corrupt_at = corrupt_at
+        self.corrupted = 0
         self.targets: list[str] = []
         self.dropped = 0
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -411,11 +414,18 @@ class ConnectProxy:
                             data = source.recv(65536)
                             if not data:
                                 break
-                            if count and self.drop_after is not None:
+                            if count:
+                                before = sent[0]
                                 sent[0] += len(data)
-                                if sent[0] > self.drop_after:
+                                if self.drop_after is not None and sent[0] > self.drop_after:
                                     self.dropped += 1
                                     break
+                                at = self.corrupt_at
+                                if at is not None and before <= at < sent[0] and not self.corrupted:
+                                    flipped = bytearray(data)
+                                    flipped[at - before] ^= 0xFF  # one bit pattern, once
+                                    data = bytes(flipped)
+                                    self.corrupted += 1
                             sink.sendall(data)
                     except OSError:
                         pass

@@ -312,6 +312,8 @@ class OutboxEntry(Base):
     last_code: Mapped[str] = mapped_column(String(64), default="")
     last_error: Mapped[str] = mapped_column(Text, default="")
     upload_id: Mapped[str | None] = mapped_column(String(64))
+    #: ``host:pid`` of the sender working on it, so a dead sender's work is resumed.
+    owner: Mapped[str] = mapped_column(String(128), default="")
     manifest_sha256: Mapped[str | None] = mapped_column(String(64))
     bytes_total: Mapped[int] = mapped_column(Integer, default=0)
     bytes_sent: Mapped[int] = mapped_column(Integer, default=0)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +78,22 @@ PERMANENT = frozenset(
 MAX_BACKOFF_S = 900.0
 #: A "sending" entry not touched for this long was left by a sender that died.
 STALE_SENDING = dt.timedelta(minutes=10)
+#: Who is sending: this host and process.
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the sender ``host:pid`` still runs (a sender on another host is presumed alive)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def backoff(attempts: int, base: float = 5.0) -> float:
@@ -130,11 +148,11 @@ def recover(index: NodeIndex, older_than: dt.timedelta = STALE_SENDING) -> int:
     """Put entries a dead sender left ``sending`` back in the queue (the upload resumes)."""
     cutoff = utcnow() - older_than
     with index.db.write() as session:
-        stale = session.scalars(
-            select(OutboxEntry).where(
-                OutboxEntry.state == "sending", OutboxEntry.updated_at <= cutoff
-            )
-        ).all()
+        stale = [
+            entry
+            for entry in session.scalars(select(OutboxEntry).where(OutboxEntry.state == "sending"))
+            if entry.updated_at <= cutoff or not _alive(entry.owner)
+        ]
         for entry in stale:
             entry.state, entry.next_attempt_at, entry.updated_at = "queued", utcnow(), utcnow()
             entry.last_code, entry.last_error = "interrupted", "the sender stopped mid-send"
@@ -236,6 +254,7 @@ class Sender:
             if study is None:
                 return None
             entry.state, entry.attempts, entry.updated_at = "sending", entry.attempts + 1, utcnow()
+            entry.owner = OWNER
             session.flush()
             session.expunge(entry)
             session.expunge(study)

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("last_code", sa.String(length=64), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=False),
         sa.Column("upload_id", sa.String(length=64), nullable=True),
+        sa.Column("owner", sa.String(length=128), nullable=False),
         sa.Column("manifest_sha256", sa.String(length=64), nullable=True),
         sa.Column("bytes_total", sa.Integer(), nullable=False),
         sa.Column("bytes_sent", sa.Integer(), nullable=False),
