@@ -65,6 +65,7 @@ bench: install services
 	$(BIN)/python bench/node_intake.py
 	$(BIN)/python bench/coordinator_registry.py
 	$(BIN)/python bench/coordinator_intake.py
+	$(BIN)/python bench/federation_share.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator.errors import CoordinatorError
 from protocols.sqltypes import utcnow
+from protocols.storage import write_private
 
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()
@@ -51,21 +50,6 @@ class Paths:
     @property
     def server_cert(self) -> Path:
         return self.root / "server.crt"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -131,8 +115,8 @@ def create(paths: Paths, federation: str, server_names: list[str]) -> x509.Certi
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, HASH)
     )
-    _write(paths.ca_key, _key_pem(ca_key), 0o600)
-    _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(paths.ca_key, _key_pem(ca_key), 0o600)
+    write_private(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     issue_server_certificate(paths, server_names)
     return ca_cert
 
@@ -205,8 +189,8 @@ def issue_server_certificate(paths: Paths, server_names: list[str]) -> x509.Cert
         .add_extension(_san(server_names), critical=False)
         .sign(ca_key, HASH)
     )
-    _write(paths.server_key, _key_pem(key), 0o600)
-    _write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(paths.server_key, _key_pem(key), 0o600)
+    write_private(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert
 
 

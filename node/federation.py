@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-import secrets
 import ssl
 import threading
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from node.errors import NodeError
 from node.settings import NodeSettings
 from protocols.api.coordinator import EnrollRequest, EnrollResponse, Heartbeat
 from protocols.nodeauth import make_token
+from protocols.storage import write_private
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.node.federation")
@@ -66,22 +65,6 @@ class FederationFiles:
 
 def files(settings: NodeSettings) -> FederationFiles:
     return FederationFiles(settings.keys_dir / "federation")
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _ca_fingerprint(token: str) -> str:
@@ -152,7 +135,7 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
     if cert.public_key() != key.public_key():
         raise NodeError("bad_certificate", "the coordinator returned a certificate for another key")
     where = files(settings)
-    _write(
+    write_private(
         where.key,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -161,9 +144,9 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
         ),
         0o600,
     )
-    _write(where.cert, enrolled.certificate_pem.encode("ascii"), 0o600)
-    _write(where.ca, ca_pem, 0o600)
-    _write(
+    write_private(where.cert, enrolled.certificate_pem.encode("ascii"), 0o600)
+    write_private(where.ca, ca_pem, 0o600)
+    write_private(
         where.config,
         json.dumps(
             {

@@ -139,41 +139,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class NodeProcess:
-    """``radfed node serve`` as a real process on 127.0.0.1, started and stopped by a test."""
+class ServiceProcess:
+    """A RadFed service as a real process on 127.0.0.1, started and stopped by a test."""
+
+    what = "service"
 
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
-        self.api_port = free_port()
-        self.dicom_port = free_port()
-        # A study is vetted once no instance has come for this long (30 s in a real
-        # node); the tests push whole studies at once, so two seconds is plenty.
-        self.env = {"RADFED_NODE_STUDY_STABLE_SECONDS": "2", **(env or {})}
+        self.env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.log = home / "serve.log"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+    def argv(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, timeout: float = 60) -> NodeProcess:
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60) -> Any:
         import time
-
-        import httpx
 
         self.home.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [
-                *RADFED,
-                "node",
-                "serve",
-                "--home",
-                str(self.home),
-                "--api-port",
-                str(self.api_port),
-                "--dicom-port",
-                str(self.dicom_port),
-            ],
+            [*RADFED, *self.argv()],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("a"),
             text=True,
@@ -183,37 +171,76 @@ class NodeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"node exited {self.proc.returncode}:\n{self.log.read_text()}")
+                raise AssertionError(
+                    f"{self.what} exited {self.proc.returncode}:\n{self.log.read_text()}"
+                )
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if self.ready():
                     return self
-            except httpx.HTTPError:
+            except OSError:
                 pass
             time.sleep(0.2)
         self.kill()
-        raise AssertionError(f"node did not come up in {timeout} s:\n{self.log.read_text()}")
+        raise AssertionError(f"{self.what} did not come up in {timeout} s:\n{self.log.read_text()}")
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait: the node must stop cleanly."""
+        """SIGTERM and wait: the service must stop cleanly."""
         assert self.proc is not None
         self.proc.terminate()
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError("node did not stop on SIGTERM") from None
+            raise AssertionError(f"{self.what} did not stop on SIGTERM") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
 
-    def __enter__(self) -> NodeProcess:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class NodeProcess(ServiceProcess):
+    """``radfed node serve``: the API, the web UI and the DICOM listener."""
+
+    what = "node"
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        # A study is vetted once no instance has come for this long (30 s in a real
+        # node); the tests push whole studies at once, so two seconds is plenty.
+        super().__init__(home, {"RADFED_NODE_STUDY_STABLE_SECONDS": "2", **(env or {})})
+        self.api_port = free_port()
+        self.dicom_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def argv(self) -> list[str]:
+        return [
+            "node",
+            "serve",
+            "--home",
+            str(self.home),
+            "--api-port",
+            str(self.api_port),
+            "--dicom-port",
+            str(self.dicom_port),
+        ]
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 PG_DSN = os.environ.get("RADFED_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -255,15 +282,14 @@ class PgSchema:
         self._run(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
 
 
-class CoordinatorProcess:
-    """``radfed coordinator serve`` as a real process on 127.0.0.1 over TLS."""
+class CoordinatorProcess(ServiceProcess):
+    """``radfed coordinator serve`` over TLS."""
+
+    what = "coordinator"
 
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
-        self.home = home
+        super().__init__(home, env)
         self.port = free_port()
-        self.env = env or {}
-        self.proc: subprocess.Popen[str] | None = None
-        self.log = home / "serve.log"
 
     @property
     def url(self) -> str:
@@ -282,56 +308,17 @@ class CoordinatorProcess:
             context.load_cert_chain(str(cert), str(key) if key else None)
         return context
 
-    def start(self, timeout: float = 60) -> CoordinatorProcess:
-        import time
+    def argv(self) -> list[str]:
+        return ["coordinator", "serve", "--home", str(self.home), "--port", str(self.port)]
 
+    def ready(self) -> bool:
         import httpx
 
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [*RADFED, "coordinator", "serve", "--home", str(self.home), "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("a"),
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"coordinator exited {self.proc.returncode}:\n{self.log.read_text()}"
-                )
-            try:
-                answer = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.tls())
-                if answer.status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise AssertionError(f"coordinator did not come up in {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("coordinator did not stop on SIGTERM") from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def __enter__(self) -> CoordinatorProcess:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
+            answer = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.tls())
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200
 
 
 class ConnectProxy:
@@ -438,3 +425,30 @@ class ConnectProxy:
                 back.start()
                 pump(client, upstream, True)
                 back.join(30)
+
+
+def plant_after_review(node_home: Path, study_uid: str, comment: str) -> None:
+    """Put ``comment`` into a stored instance of a study after it was vetted, index updated.
+
+    What a bug between review and sending would do: the index says the file is
+    the one it holds, so only the PHI scans can notice.
+    """
+    import hashlib
+    import io
+    import sqlite3
+
+    with sqlite3.connect(node_home / "index.sqlite") as db:
+        row_id, path = db.execute(
+            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
+            "WHERE s.study_uid = ? LIMIT 1",
+            (study_uid,),
+        ).fetchone()
+        ds = pydicom.dcmread(node_home / "store" / path)
+        ds.ImageComments = comment
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        (node_home / "store" / path).write_bytes(buffer.getvalue())
+        db.execute(
+            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
+            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
+        )

@@ -17,33 +17,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from protocols.storage import sqlite_engine
+
 MIGRATIONS = Path(__file__).with_name("migrations")
-
-
-def _sqlite_engine(url: str, immediate: bool) -> Engine:
-    engine = create_engine(
-        url,
-        connect_args={"isolation_level": None, "timeout": 60, "check_same_thread": False},
-    )
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
 
 
 def _normalise(url: str) -> str:
@@ -84,8 +64,8 @@ class Database:
                 path = Path(parsed.database)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch(mode=0o600, exist_ok=True)
-            writer = _sqlite_engine(url, immediate=True)
-            reader = _sqlite_engine(url, immediate=False)
+            writer = sqlite_engine(url, immediate=True)
+            reader = sqlite_engine(url, immediate=False)
         else:
             options = {"pool_pre_ping": True, "pool_size": 10, **(engine_options or {})}
             writer = create_engine(url, **options)

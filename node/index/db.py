@@ -13,36 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from protocols.storage import sqlite_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def _engine(path: Path, immediate: bool) -> Engine:
-    engine = create_engine(
-        f"sqlite:///{path}",
-        connect_args={"isolation_level": None, "timeout": 60, "check_same_thread": False},
-    )
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
+    return sqlite_engine(f"sqlite:///{path}", immediate)
 
 
 def migrate(engine: Engine) -> None:

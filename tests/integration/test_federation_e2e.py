@@ -14,8 +14,6 @@ The tests run in order and share the federation (module scope).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import signal
 import sqlite3
@@ -25,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from node import federation as fed
@@ -35,7 +32,14 @@ from node.share.manifest import ExamPackage, package
 from node.share.upload import send_exam
 from node.site import open_index
 from radfed.synth.site import write_site_corpus
-from tests.helpers import RADFED, ROOT, ConnectProxy, CoordinatorProcess, run_cli
+from tests.helpers import (
+    RADFED,
+    ROOT,
+    ConnectProxy,
+    CoordinatorProcess,
+    plant_after_review,
+    run_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -347,21 +351,7 @@ def test_8_a_planted_name_past_review_is_caught_by_the_coordinator(fed_: Federat
     (home / "policy.toml").write_text('[hold]\nfindings_at_or_above = "critical"\n')
     fresh = fed_.more("st-marys")
     uid = next(iter(fresh))
-    with sqlite3.connect(home / "index.sqlite") as db:
-        row_id, path = db.execute(
-            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
-            "WHERE s.study_uid = ? LIMIT 1",
-            (uid,),
-        ).fetchone()
-        ds = pydicom.dcmread(home / "store" / path)
-        ds.ImageComments = "seen by dr. Harriet in ward 7"
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        (home / "store" / path).write_bytes(buffer.getvalue())
-        db.execute(
-            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
-            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
-        )
+    plant_after_review(home, uid, "seen by dr. Harriet in ward 7")
 
     result = fed_.share("st-marys")
 

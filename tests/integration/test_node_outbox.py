@@ -7,20 +7,23 @@ the coordinator is ``radfed coordinator serve`` on 127.0.0.1 over mutual TLS.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pydicom
 import pytest
 from sqlalchemy import create_engine, text
 
 from radfed.synth.site import write_site_corpus
-from tests.helpers import ConnectProxy, CoordinatorProcess, NodeProcess, run_cli
+from tests.helpers import (
+    ConnectProxy,
+    CoordinatorProcess,
+    NodeProcess,
+    plant_after_review,
+    run_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -147,21 +150,7 @@ def _signed_in(node: NodeProcess) -> httpx.Client:
 def test_a_planted_name_is_stopped_by_the_send_time_gate(site: Site) -> None:
     # Prepare: a name gets into an approved instance after review (index updated to match).
     uid = next(u for u, (_, status) in site.studies().items() if status == "approved")
-    with sqlite3.connect(site.node / "index.sqlite") as db:
-        row_id, path = db.execute(
-            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
-            "WHERE s.study_uid = ? LIMIT 1",
-            (uid,),
-        ).fetchone()
-        ds = pydicom.dcmread(site.node / "store" / path)
-        ds.ImageComments = "for Harriet Smithfield, call 555-0142"
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        (site.node / "store" / path).write_bytes(buffer.getvalue())
-        db.execute(
-            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
-            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
-        )
+    plant_after_review(site.node, uid, "for Harriet Smithfield, call 555-0142")
 
     # Execute
     result = site.share()
@@ -357,21 +346,7 @@ def test_what_the_coordinator_finds_sends_the_study_back_to_review(site: Site) -
     # attribute the profile removes, left in after review, passes the node's gate.
     (site.node / "policy.toml").write_text('[hold]\nfindings_at_or_above = "critical"\n')
     uid = next(u for u, (_, status) in site.studies().items() if status == "approved")
-    with sqlite3.connect(site.node / "index.sqlite") as db:
-        row_id, path = db.execute(
-            "SELECT i.id, i.path FROM instances i JOIN studies s ON s.id = i.study_id "
-            "WHERE s.study_uid = ? LIMIT 1",
-            (uid,),
-        ).fetchone()
-        ds = pydicom.dcmread(site.node / "store" / path)
-        ds.ImageComments = "follow-up in clinic B"
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        (site.node / "store" / path).write_bytes(buffer.getvalue())
-        db.execute(
-            "UPDATE instances SET sha256 = ?, size = ? WHERE id = ?",
-            (hashlib.sha256(buffer.getvalue()).hexdigest(), len(buffer.getvalue()), row_id),
-        )
+    plant_after_review(site.node, uid, "follow-up in clinic B")
 
     # Execute
     result = site.share()
