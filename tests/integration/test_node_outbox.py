@@ -371,3 +371,45 @@ def test_what_the_coordinator_finds_sends_the_study_back_to_review(site: Site) -
         ).fetchone()
     assert ("coordinator", "not_removed") in found
     assert history[0] == "coordinator" and "coordinator's PHI scan" in history[1]
+
+
+def test_no_more_uploads_at_once_than_the_cap(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: five messages due; the sender's work is replaced by a probe that counts.
+    import threading
+    import time as clock
+
+    from node.settings import load_settings
+    from node.share import outbox
+    from node.site import open_index
+
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        study_id = db.execute("SELECT id FROM studies LIMIT 1").fetchone()[0]
+        for _ in range(5):
+            db.execute(
+                "INSERT INTO outbox (study_id, kind, state, reason, attempts, next_attempt_at, "
+                "last_code, last_error, owner, bytes_total, bytes_sent, created_at, updated_at) "
+                "VALUES (?, 'withdrawal', 'queued', '', 0, datetime('now', '-1 minute'), '', '', "
+                "'', 0, 0, datetime('now'), datetime('now'))",
+                (study_id,),
+            )
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def probe(self: outbox.Sender, entry_id: int) -> outbox.Outcome:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        clock.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return outbox.Outcome("x", "withdrawal", "done", "")
+
+    monkeypatch.setattr(outbox.Sender, "_process", probe)
+    settings = load_settings(site.node, upload_concurrency=2)
+    sender = outbox.Sender(open_index(settings), settings, lambda: None, lambda: None)  # type: ignore[arg-type,return-value]
+
+    # Execute
+    outcomes = sender.run_once()
+
+    # Assert
+    assert len(outcomes) >= 5  # and the approved studies enqueue() added
+    assert peak[0] == 2
