@@ -357,6 +357,17 @@ class Sender:
         return Outcome(study.study_uid, EXAM, "failed", rejection.message)
 
     def _send_withdrawal(self, entry: OutboxEntry, study: Study) -> Outcome:
+        with self.index.db.read() as session:
+            in_flight = session.scalar(
+                select(OutboxEntry.id).where(
+                    OutboxEntry.study_id == study.id,
+                    OutboxEntry.kind == EXAM,
+                    OutboxEntry.state == "sending",
+                )
+            )
+        if in_flight is not None:
+            # The exam may be registered a moment from now: withdraw it after that.
+            raise NodeError("exam_in_flight", "the exam is still being sent", retryable=True)
         client = self.client()
         body = WithdrawRequest(reason=entry.reason or "withdrawn by the site")
         response = client.request(  # type: ignore[attr-defined]
