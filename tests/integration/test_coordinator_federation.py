@@ -370,24 +370,31 @@ def test_authorization_matrix(federation: Federation, caller: str, method: str, 
         assert answer.json()["code"] in ("unauthorized", "client_certificate_required")
 
 
-def test_node_serve_reports_its_counts(federation: Federation) -> None:
-    # Prepare: a node with a few studies taken in, sending a heartbeat every second.
+def test_node_serve_shares_in_the_background_and_reports_its_counts(
+    federation: Federation,
+) -> None:
+    # Prepare: a node with studies taken in (one approved by policy, one held), sending a
+    # heartbeat every second and looking at its outbox every second.
+    import sqlite3
+    import time
+
     node = federation.active
     corpus = federation.base / "corpus"
     write_site_corpus(corpus, patients=1, ct_slices=2, ct_size=64, cr_size=64, with_sr=False)
     run_cli("node", "ingest", str(corpus), "--home", str(node.home), "-q", check=True)
-    import sqlite3
 
-    with sqlite3.connect(node.home / "index.sqlite") as db:
-        expected = dict(
-            db.execute("SELECT status, count(*) FROM studies GROUP BY status").fetchall()
-        )
+    def counts() -> dict[str, int]:
+        with sqlite3.connect(node.home / "index.sqlite") as db:
+            return dict(
+                db.execute("SELECT status, count(*) FROM studies GROUP BY status").fetchall()
+            )
+
+    before = counts()
+    env = {"RADFED_NODE_HEARTBEAT_SECONDS": "1", "RADFED_NODE_OUTBOX_SECONDS": "1"}
 
     # Execute
-    with NodeProcess(node.home, env={"RADFED_NODE_HEARTBEAT_SECONDS": "1"}):
-        import time
-
-        deadline = time.monotonic() + 60
+    with NodeProcess(node.home, env=env):
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             sites = httpx.get(
                 f"{federation.coordinator.url}/api/v1/sites",
@@ -395,10 +402,18 @@ def test_node_serve_reports_its_counts(federation: Federation) -> None:
                 verify=federation.coordinator.tls(),
             ).json()
             mine = next(s for s in sites if s["name"] == "st-marys")
-            if mine["counts"] == expected:
+            now = counts()
+            if not {"approved", "queued"} & set(now) and mine["counts"] == now:
                 break
             time.sleep(0.5)
+        registered = httpx.get(
+            f"{federation.coordinator.url}/api/v1/exams",
+            headers={"Authorization": f"Bearer {federation.operator}"},
+            verify=federation.coordinator.tls(),
+        ).json()
 
-    # Assert
-    assert expected and mine["counts"] == expected
-    assert mine["health"] == "ok"
+    # Assert: what was approved was shared by serve's sender, and the heartbeat says so.
+    assert before.get("approved") and before.get("held")
+    assert now == {"shared": before["approved"], "held": before["held"]}
+    assert mine["counts"] == now and mine["health"] == "ok"
+    assert registered["total"] == before["approved"]
