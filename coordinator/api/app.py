@@ -32,7 +32,7 @@ from protocols.api.coordinator import (
     SitePublic,
     SiteStatus,
 )
-from protocols.api.errors import ErrorBody
+from protocols.api.errors import ErrorBody, http_error_code, validation_message
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.coordinator.api")
@@ -160,15 +160,11 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f'Argument "{".".join(str(p) for p in e["loc"][1:])}": {e["msg"]}' for e in exc.errors()
-        )
-        return _error("invalid_request", problems or "invalid request")
+        return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        response = _error(code, str(exc.detail))
+        response = _error(http_error_code(exc.status_code), str(exc.detail))
         response.status_code = exc.status_code
         return response
 

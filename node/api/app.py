@@ -26,7 +26,7 @@ from node.index.store import NodeIndex, StudyQuery
 from node.metrics import NodeMetrics
 from node.vetting import review
 from node.vetting.policy import VettingPolicy
-from protocols.api.errors import ErrorBody
+from protocols.api.errors import ErrorBody, http_error_code, validation_message
 from protocols.api.node import (
     Counts,
     FindingPublic,
@@ -125,15 +125,11 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f'Argument "{".".join(str(p) for p in e["loc"][1:])}": {e["msg"]}' for e in exc.errors()
-        )
-        return _error("invalid_request", problems or "invalid request")
+        return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        response = _error(code, str(exc.detail))
+        response = _error(http_error_code(exc.status_code), str(exc.detail))
         response.status_code = exc.status_code
         return response
 
