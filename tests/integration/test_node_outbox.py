@@ -413,3 +413,41 @@ def test_no_more_uploads_at_once_than_the_cap(site: Site, monkeypatch: pytest.Mo
     # Assert
     assert len(outcomes) >= 5  # and the approved studies enqueue() added
     assert peak[0] == 2
+
+
+def test_the_bandwidth_limit_meters_every_byte_sent(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a sender with a limit; the limiter records what it is asked to let through.
+    from node import federation
+    from node.settings import load_settings
+    from node.share import upload
+    from node.share.outbox import Sender
+    from node.site import open_index
+    from node.vetting.policy import VettingPolicy
+
+    metered: list[int] = []
+    monkeypatch.setattr(upload.RateLimiter, "take", lambda self, n: metered.append(n))
+    settings = load_settings(site.node, upload_limit_mbps=8.0)
+    sender = Sender(
+        open_index(settings),
+        settings,
+        lambda: federation.CoordinatorClient(settings),
+        VettingPolicy,
+    )
+
+    # Execute
+    try:
+        outcomes = sender.run_once(everything=True)
+    finally:
+        sender.stop()
+
+    # Assert
+    assert sender.limiter is not None and sender.limiter.rate == 1_000_000  # 8 Mbit/s
+    assert outcomes and all(o.state == "shared" for o in outcomes)
+    with sqlite3.connect(site.node / "index.sqlite") as db:
+        sent = db.execute(
+            "SELECT sum(i.size) FROM instances i JOIN studies s ON s.id = i.study_id "
+            "WHERE s.status = 'shared'"
+        ).fetchone()[0]
+    assert sum(metered) == sent
