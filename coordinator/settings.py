@@ -72,6 +72,20 @@ class CoordinatorSettings(BaseSettings):
     scan_workers: int = Field(default=0, ge=0)
     #: Researcher statistics show a count under k as "<k".
     small_count_k: int = Field(default=5, ge=1)
+    #: Federated training: ``serve`` supervises a Flower SuperLink (TLS with the
+    #: federation's server certificate, SuperNode authentication on). Loopback by
+    #: default: only its ``/v1/fleet/`` paths are for nodes, so expose those alone.
+    flower_enabled: bool = True
+    superlink_host: str = "127.0.0.1"
+    superlink_port: int = Field(default=9093, ge=0, le=65535)
+    #: host:port nodes' SuperNodes dial (default: the first server name, the port above).
+    superlink_public: str | None = None
+    #: Where the Flower apps researchers may run live (``<apps_dir>/<name>/``).
+    apps_dir: Path = Field(default_factory=lambda: Path(__file__).resolve().parents[1] / "apps")
+    #: A ``TrainingManifest`` JSON of held-out data for centralised evaluation.
+    central_eval_manifest: Path | None = None
+    #: How often runs, SuperNode registrations and the SuperLink are checked (seconds).
+    training_poll_s: float = Field(default=2.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -103,6 +117,25 @@ class CoordinatorSettings(BaseSettings):
     @property
     def releases_dir(self) -> Path:
         return self.home / "releases"
+
+    @property
+    def flower_dir(self) -> Path:
+        """The SuperLink's state and the ``flwr`` CLI's home (``FLWR_HOME``)."""
+        return self.home / "flower"
+
+    @property
+    def superlink_address(self) -> str:
+        """What enrolled nodes are told to connect their SuperNode to."""
+        if self.superlink_public:
+            return self.superlink_public
+        loopback = self.superlink_host in ("127.0.0.1", "localhost", "::1")
+        host = "127.0.0.1" if loopback else self.server_names[0]
+        return f"{host}:{self.superlink_port}"
+
+    @property
+    def runs_dir(self) -> Path:
+        """One directory per training run: the ServerApp's outputs."""
+        return self.home / "runs"
 
     def store(self, durable_puts: bool = True) -> ObjectStore:
         """The object store these settings name (filesystem under the home, or S3).

@@ -26,6 +26,7 @@ from node.deid.runner import FileOutcome, RunSummary, count_files, run
 from node.errors import NodeError
 from node.settings import NodeSettings, load_settings
 from node.site import engine_config, open_index, open_vault, safe_private
+from node.training.cli import app as training_app
 from protocols.deid.options import DeidOptionsError
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(user_app, name="user")
 app.add_typer(audit_app, name="audit")
 app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(training_app, name="training")
 out = Console()
 err = Console(stderr=True)
 

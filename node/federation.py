@@ -62,6 +62,11 @@ class FederationFiles:
     def config(self) -> Path:
         return self.root / "coordinator.json"
 
+    @property
+    def supernode_key(self) -> Path:
+        """The node key in OpenSSH form, for Flower SuperNode authentication."""
+        return self.root / "supernode.key"
+
 
 def files(settings: NodeSettings) -> FederationFiles:
     return FederationFiles(settings.keys_dir / "federation")
@@ -154,14 +159,52 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
                 "site": enrolled.site,
                 "ca_sha256": expected,
                 "certificate_sha256": cert.fingerprint(hashes.SHA256()).hex(),
+                "superlink": enrolled.superlink,
                 "enrolled_at": dt.datetime.now(dt.UTC).isoformat(),
             },
             indent=2,
         ).encode("utf-8"),
         0o600,
     )
+    write_supernode_key(settings)
     log.info("enrolled in the federation at %s as site %s", url, enrolled.site)
     return enrolled
+
+
+def write_supernode_key(settings: NodeSettings) -> Path:
+    """The node key in the OpenSSH form Flower's SuperNode reads (0600), from ``node.key``."""
+    where = files(settings)
+    key = serialization.load_pem_private_key(where.key.read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise NodeError("bad_key", f"{where.key} is not an EC key")
+    write_private(
+        where.supernode_key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    return where.supernode_key
+
+
+def superlink_address(settings: NodeSettings) -> str | None:
+    """Where this node's SuperNode connects: the setting, else what enrollment said."""
+    if settings.superlink_address:
+        return settings.superlink_address
+    where = files(settings)
+    if not where.config.exists():
+        return None
+    value = json.loads(where.config.read_text(encoding="utf-8")).get("superlink")
+    return str(value) if value else None
+
+
+def site_name(settings: NodeSettings) -> str | None:
+    where = files(settings)
+    if not where.config.exists():
+        return None
+    return str(json.loads(where.config.read_text(encoding="utf-8")).get("site") or "") or None
 
 
 def enrolled(settings: NodeSettings) -> bool:

@@ -1,5 +1,8 @@
 """``radfed node serve``: the HTTP API and the DICOM listener in one process.
 
+Once enrolled it also sends (the outbox), reports (heartbeats) and supervises the
+node's Flower SuperNode (``node.training.supernode``), stopped with the node.
+
 The listener runs on background threads; uvicorn serves the API in the
 foreground and stops on SIGINT/SIGTERM, after which the listener is shut down
 and the index closed. Both bound addresses are logged (port 0 picks a free one).
@@ -42,7 +45,7 @@ def serve(settings: NodeSettings) -> None:
     listener = DicomListener(settings, index, engine_config(settings), metrics, vetter.wake)
     host, port = listener.start()
     vetter.start()
-    beats = sender = None
+    beats = sender = flower = None
     if federation.enrolled(settings):
         from node.share.outbox import Sender
 
@@ -55,9 +58,18 @@ def serve(settings: NodeSettings) -> None:
             settings.heartbeat_seconds,
         )
         beats.start()
+        from node.training.supernode import supernode
+
+        flower = supernode(settings)
+        if flower is not None:
+            flower.start()
+            log.info(json.dumps({"event": "supernode", "log": str(flower.log_path)}))
     log.info(json.dumps({"event": "listening", "dicom": f"{host}:{port}"}))
     app = create_app(index, metrics, lambda: listener.running, listener.pending, policy)
     mount_web(app, index, settings, policy, reviewer_mask(index, settings), render_png)
+    from node.api.training_routes import mount_training
+
+    mount_training(app, index, settings)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -78,6 +90,8 @@ def serve(settings: NodeSettings) -> None:
     finally:
         listener.stop()
         vetter.stop()
+        if flower is not None:
+            flower.stop()
         if beats is not None:
             beats.stop()
         if sender is not None:

@@ -76,6 +76,14 @@ class NodeSettings(BaseSettings):
     upload_concurrency: int = Field(default=2, ge=1, le=16)
     #: How often ``serve`` reports to the coordinator once the node is enrolled.
     heartbeat_seconds: float = Field(default=60.0, ge=1)
+    #: Federated training: ``serve`` supervises a Flower SuperNode when enrolled.
+    flower_enabled: bool = True
+    #: The SuperNode's local runtime API port (each node on a host needs its own).
+    supernode_port: int = Field(default=9094, ge=0, le=65535)
+    #: The SuperLink to dial (host:port); default: what enrollment said.
+    superlink_address: str | None = None
+    #: The training policy file (default ``<home>/training.toml``).
+    training_policy_file: Path | None = None
     #: Extra device masking rules (JSON) on top of the ones RadFed ships.
     mask_rules: Path | None = None
 
@@ -141,6 +149,15 @@ class NodeSettings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @property
+    def training_policy_path(self) -> Path:
+        return self.training_policy_file or self.home / "training.toml"
+
+    @property
+    def training_dir(self) -> Path:
+        """Per-run sample manifests, the SuperNode's Flower home and its log."""
+        return self.home / "training"
 
     @property
     def vault_path(self) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 #: Version of the node <-> coordinator HTTP protocol (``/api/v1``).
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 #: Version of RadFed's de-identification profile (table edition + keep-list + rules).
 #: Bump when a change to ``protocols/deid`` changes what an output file may contain.

@@ -214,7 +214,14 @@ class NodeProcess(ServiceProcess):
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         # A study is vetted once no instance has come for this long (30 s in a real
         # node); the tests push whole studies at once, so two seconds is plenty.
-        super().__init__(home, {"RADFED_NODE_STUDY_STABLE_SECONDS": "2", **(env or {})})
+        super().__init__(
+            home,
+            {
+                "RADFED_NODE_STUDY_STABLE_SECONDS": "2",
+                "RADFED_NODE_SUPERNODE_PORT": str(free_port()),
+                **(env or {}),
+            },
+        )
         self.api_port = free_port()
         self.dicom_port = free_port()
 
@@ -287,8 +294,15 @@ class CoordinatorProcess(ServiceProcess):
 
     what = "coordinator"
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
-        super().__init__(home, env)
+    def __init__(self, home: Path, env: dict[str, str] | None = None, flower: bool = False) -> None:
+        # The Flower SuperLink only where a test trains: it costs a few seconds to start.
+        self.superlink_port = free_port()
+        flower_env = {
+            "RADFED_COORDINATOR_FLOWER_ENABLED": "1" if flower else "0",
+            "RADFED_COORDINATOR_SUPERLINK_PORT": str(self.superlink_port),
+            "RADFED_COORDINATOR_TRAINING_POLL_S": "0.5",
+        }
+        super().__init__(home, {**flower_env, **(env or {})})
         self.port = free_port()
 
     @property

@@ -21,7 +21,9 @@ from pydantic import BaseModel
 import protocols.api.coordinator
 import protocols.api.errors
 import protocols.api.node
+import protocols.api.training
 import protocols.deid.options
+import protocols.training
 from protocols.version import PROTOCOL_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +32,9 @@ MODULES = (
     protocols.api.coordinator,
     protocols.api.errors,
     protocols.api.node,
+    protocols.api.training,
     protocols.deid.options,
+    protocols.training,
 )
 
 

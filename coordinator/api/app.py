@@ -77,6 +77,15 @@ ERROR_STATUS = {
     "release_manifest_corrupt": 500,
     "export_failed": 500,
     "invalid_request": 422,
+    "app_not_found": 404,
+    "run_not_found": 404,
+    "model_not_found": 404,
+    "not_enough_sites": 409,
+    "run_not_running": 409,
+    "run_not_resumable": 409,
+    "bad_run_config": 422,
+    "superlink_unavailable": 503,
+    "superlink_error": 502,
     "internal": 500,
 }
 
@@ -152,6 +161,9 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     app.state.intake = intake
     mount_intake(app, intake)
     mount_registry(app, settings, db, store)
+    from coordinator.api.training_routes import mount_training
+
+    mount_training(app, settings, db, store)
     paths = pki.Paths(settings.pki_dir)
 
     @app.exception_handler(CoordinatorError)
@@ -188,10 +200,14 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     @app.post("/api/v1/enroll", response_model=EnrollResponse)
     def enroll(body: EnrollRequest) -> EnrollResponse:
         done = sites.enroll(db, settings, body.token, body.csr_pem)
+        wake = getattr(app.state, "flower_sync", None)
+        if callable(wake):
+            wake()  # register the new key with the SuperLink now, not at the next poll
         return EnrollResponse(
             site=done.site,
             certificate_pem=done.certificate_pem,
             ca_certificate_pem=done.ca_certificate_pem,
+            superlink=settings.superlink_address if settings.flower_enabled else None,
         )
 
     # -- nodes -----------------------------------------------------------------------

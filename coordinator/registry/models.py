@@ -46,6 +46,10 @@ class Site(Base):
     version: Mapped[str | None] = mapped_column(String(32))
     counts: Mapped[str] = mapped_column(Text, default="{}")
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: The site's SuperNode at the Flower SuperLink (a decimal uint64), and the SHA-256
+    #: of the public key it was registered with (the key of the site's certificate).
+    flower_node_id: Mapped[str | None] = mapped_column(String(24))
+    flower_key_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class EnrollmentToken(Base):
@@ -241,7 +245,13 @@ class ReleaseExam(Base):
 
 
 class TrainingRun(Base):
-    """A federated training run (recorded from the Flower ServerApp's run directory)."""
+    """A federated training run: what was asked, where Flower runs it, how far it got.
+
+    ``name`` is the run's public id (``run-0001``). Each Flower run that carries it
+    (the first, and one per resume) is listed in ``attempts``; ``run_dir`` is where
+    the ServerApp writes its outputs, which the coordinator reads into ``training_rounds``
+    and ``models``.
+    """
 
     __tablename__ = "training_runs"
 
@@ -254,6 +264,31 @@ class TrainingRun(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     metrics: Mapped[str] = mapped_column(Text, default="{}")
     created_by: Mapped[str] = mapped_column(String(64))
+    app_hash: Mapped[str] = mapped_column(String(64), default="")
+    rounds: Mapped[int] = mapped_column(Integer, default=0)
+    current_round: Mapped[int] = mapped_column(Integer, default=0)
+    flower_run_id: Mapped[str | None] = mapped_column(String(24))
+    attempts: Mapped[str] = mapped_column(Text, default="[]")
+    run_dir: Mapped[str] = mapped_column(Text, default="")
+    degraded: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainingRound(Base):
+    """One completed round of a run: who trained (samples), declined or dropped; metrics."""
+
+    __tablename__ = "training_rounds"
+    __table_args__ = (UniqueConstraint("run_id", "round", name="uq_training_round"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    #: JSON: {"trained": {site: samples}, "declined": [site], "dropped": [site],
+    #: "evaluated": {site: samples}}
+    participation: Mapped[str] = mapped_column(Text)
+    #: JSON: {"train": {...}, "evaluate": {...}, "central": {...}}
+    metrics: Mapped[str] = mapped_column(Text)
+    finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class Model(Base):
@@ -268,6 +303,8 @@ class Model(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     metrics: Mapped[str] = mapped_column(Text, default="{}")
+    #: JSON provenance (sites and samples per round, cohort, app, strategy, privacy).
+    provenance: Mapped[str] = mapped_column(Text, default="{}")
 
 
 # -- audit -------------------------------------------------------------------------------

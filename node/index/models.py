@@ -320,3 +320,28 @@ class OutboxEntry(Base):
     receipt: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TrainingRunEntry(Base):
+    """A federated training run this node was asked to take part in, and its decision.
+
+    Keyed by the RadFed run id (a resumed run keeps its decision); ``status`` is
+    ``accepted``, ``declined`` or ``pending`` (manual approval set, no operator
+    decision yet). ``app_hash`` is the hash of the app bundle the decision was for;
+    a run that later sends another bundle is declined.
+    """
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run: Mapped[str] = mapped_column(String(64), unique=True)
+    flower_run_id: Mapped[str] = mapped_column(String(24), default="")
+    app_hash: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    decided_by: Mapped[str] = mapped_column(String(64), default="")
+    cohort: Mapped[str] = mapped_column(Text, default="{}")
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    rounds: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -364,6 +364,11 @@ class EnrollResponse(_Public):
     site: SiteName
     certificate_pem: str
     ca_certificate_pem: str
+    superlink: str | None = Field(
+        None,
+        description="host:port of the federation's Flower SuperLink (Fleet API, TLS), "
+        "which the node's SuperNode connects to with the same key",
+    )
 
 
 # --- registry views ----------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StudyStatus(StrEnum):
@@ -171,3 +173,47 @@ class OutboxEntryPublic(_Model):
     last_code: str
     last_error: str
     updated_at: dt.datetime
+
+
+class TrainingPolicyBody(BaseModel):
+    """The site's training policy: the app bundles it runs and the exams they may read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apps: list[str] = Field(
+        default_factory=list, description="SHA-256 of each Flower app bundle (FAB) allowed"
+    )
+    manual_approval: bool = Field(False, description="every run waits for an operator")
+    eligible: Literal["approved", "shared"] = Field(
+        "approved", description="approved (incl. queued and shared) or shared exams only"
+    )
+
+    @field_validator("apps")
+    @classmethod
+    def _hashes(cls, values: list[str]) -> list[str]:
+        cleaned: list[str] = []
+        for value in values:
+            digest = value.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{value!r} is not an app bundle SHA-256 (64 hex digits)")
+            if digest not in cleaned:
+                cleaned.append(digest)
+        return cleaned
+
+
+class TrainingRunPublic(_Model):
+    """A training run this node was asked to join, and its decision."""
+
+    run: str
+    status: str = Field(description="accepted, declined or pending")
+    reason: str
+    decided_by: str
+    app_hash: str
+    flower_run_id: str
+    samples: int = Field(description="samples its manifest offered")
+    rounds: int = Field(description="training rounds done here")
+    cohort: dict[str, object]
+
+
+class TrainingDecision(_Model):
+    reason: str = Field(default="", max_length=2000)

@@ -45,11 +45,19 @@ def test_the_four_command_groups_are_mounted() -> None:
         assert group in proc.stdout
 
 
-def test_groups_not_yet_built_say_so() -> None:
+def test_the_train_group_lists_its_commands() -> None:
     proc = run_cli("train")
 
+    assert proc.returncode == 2  # no command given: help
+    for command in ("apps", "submit", "status", "logs", "stop", "resume", "fetch", "wait"):
+        assert command in proc.stdout + proc.stderr
+
+
+def test_train_needs_the_coordinator_url_and_a_token() -> None:
+    proc = run_cli("train", "status", "run-0001")
+
     assert proc.returncode == 2
-    assert "not yet available" in proc.stderr
+    assert "--url" in proc.stderr or "RADFED_URL" in proc.stderr
 
 
 def test_the_coordinator_group_lists_its_commands() -> None:
