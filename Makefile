@@ -66,6 +66,8 @@ bench: install services
 	$(BIN)/python bench/coordinator_registry.py
 	$(BIN)/python bench/coordinator_intake.py
 	$(BIN)/python bench/federation_share.py
+	$(BIN)/python bench/fedavg_aggregation.py
+	$(BIN)/python bench/training_overhead.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py

@@ -592,14 +592,18 @@ def _provenance(
     request = view.request
     history: dict[str, list[float]] = {}
     for record in view.history:
-        for prefix, values in (
-            ("train", record.train_metrics),
-            ("evaluate", record.evaluate_metrics),
-            ("central", record.central_metrics),
-        ):
-            for key, value in values.items():
-                label = key if key.startswith(prefix) else f"{prefix}-{key}"
-                history.setdefault(label, []).append(value)
+        named = [
+            *record.train_metrics.items(),
+            *record.evaluate_metrics.items(),
+            # Centralised evaluation reports the same keys as federated evaluation.
+            *(
+                ("central-" + k.removeprefix("eval-").removeprefix("central-"), v)
+                for k, v in record.central_metrics.items()
+            ),
+        ]
+        for key, value in named:
+            if not key.endswith("num-examples"):
+                history.setdefault(key, []).append(value)
     cohort: dict[str, str | list[str] | None] = {
         "release": request.release,
         "filter": list(request.filter),

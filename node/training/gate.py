@@ -152,7 +152,10 @@ def run_gated(
             sub_status, details = SubStatus.COMPLETED, f"declined: {decision.reason}"
         else:
             context.node_config[NODE_CONFIG_MANIFEST] = str(decision.manifest)
-            context.node_config[NODE_CONFIG_SITE] = load_settings().site_id
+            settings = load_settings()
+            context.node_config[NODE_CONFIG_SITE] = (
+                federation.site_name(settings) or settings.site_id
+            )
             install_from_fab(fab.content, skip_prompt=True)
             load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
             app = load(run.fab_id, run.fab_version, fab.hash_str)

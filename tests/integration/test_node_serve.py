@@ -263,3 +263,70 @@ def test_the_node_stops_cleanly_and_resumes_its_spool(tmp_path: Path, token: str
     assert counts["instances"] == 1  # taken in at start-up
     assert not list(spool.glob("*.dcm"))
     assert pydicom.dcmread(next((node.home / "store").rglob("*.dcm"))).PatientIdentityRemoved
+
+
+def test_the_training_policy_and_run_decisions_over_http(
+    node: NodeProcess, token: str, tmp_path: Path
+) -> None:
+    # Prepare
+    reviewer = run_cli(
+        "node",
+        "token",
+        "create",
+        "rita",
+        "--role",
+        "reviewer",
+        "--home",
+        str(node.home),
+        check=True,
+    ).stdout.strip()
+    url = f"{node.url}/api/v1/training"
+    ops = {"Authorization": f"Bearer {token}"}
+    app = "c" * 64
+
+    # Execute
+    default = httpx.get(f"{url}/policy", headers=ops, timeout=10)
+    saved = httpx.put(
+        f"{url}/policy",
+        headers=ops,
+        timeout=10,
+        json={"apps": [app.upper()], "manual_approval": True, "eligible": "shared"},
+    )
+    refused = httpx.put(f"{url}/policy", headers=ops, timeout=10, json={"apps": ["nope"]})
+    by_reviewer = httpx.put(
+        f"{url}/policy",
+        timeout=10,
+        json={"apps": []},
+        headers={"Authorization": f"Bearer {reviewer}"},
+    )
+    read_by_reviewer = httpx.get(
+        f"{url}/policy", timeout=10, headers={"Authorization": f"Bearer {reviewer}"}
+    )
+    approved = httpx.post(
+        f"{url}/runs/run-0007/approve", headers=ops, timeout=10, json={"reason": "IRB 2026-114"}
+    )
+    declined = httpx.post(f"{url}/runs/run-0008/decline", headers=ops, timeout=10, json={})
+    listed = httpx.get(f"{url}/runs", headers=ops, timeout=10)
+    reviewer_approves = httpx.post(
+        f"{url}/runs/run-0009/approve",
+        json={},
+        timeout=10,
+        headers={"Authorization": f"Bearer {reviewer}"},
+    )
+
+    # Assert
+    assert default.json() == {"apps": [], "manual_approval": False, "eligible": "approved"}
+    assert saved.status_code == 200 and saved.json()["apps"] == [app]
+    assert refused.status_code == 422 and refused.json()["code"] == "invalid_request"
+    assert by_reviewer.status_code == 403
+    assert read_by_reviewer.json() == saved.json()  # the refused changes changed nothing
+    assert (node.home / "training.toml").read_text().count(app) == 1
+    assert approved.json()["status"] == "accepted" and approved.json()["reason"] == "IRB 2026-114"
+    assert declined.json()["status"] == "declined"
+    assert {r["run"]: r["status"] for r in listed.json()} == {
+        "run-0007": "accepted",
+        "run-0008": "declined",
+    }
+    assert reviewer_approves.status_code == 403
+    audit = run_cli("node", "audit", "verify", "--home", str(node.home))
+    assert audit.returncode == 0

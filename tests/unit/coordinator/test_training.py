@@ -100,7 +100,7 @@ def test_a_run_directory_becomes_rounds_a_model_and_provenance(
             sampled=["11", "22"],
             trained={"11": 20, "22": 18},
             train_metrics={"train-loss": 0.6},
-            central_metrics={"central-accuracy": 0.7},
+            central_metrics={"eval-accuracy": 0.7, "num-examples": 40.0},
             finished_at=NOW,
         ),
         RoundRecord(
@@ -109,7 +109,7 @@ def test_a_run_directory_becomes_rounds_a_model_and_provenance(
             trained={"11": 20},
             dropped=["22"],
             train_metrics={"train-loss": 0.4},
-            central_metrics={"central-accuracy": 0.85},
+            central_metrics={"eval-accuracy": 0.85, "num-examples": 40.0},
             finished_at=NOW,
         ),
     ]
