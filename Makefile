@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages: dicom3tools (dciodvfy validates outputs against the IODs),
-# tesseract-ocr (burned-in text), chromium (the web UI's browser tests).
-SYSTEM_PACKAGES := dicom3tools:dciodvfy tesseract-ocr:tesseract chromium:chromium
+# tesseract-ocr (burned-in text), chromium (the web UI's browser tests),
+# docker-compose (validates compose/ without a Docker engine).
+SYSTEM_PACKAGES := dicom3tools:dciodvfy tesseract-ocr:tesseract chromium:chromium \
+	docker-compose:docker-compose
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v "$${pair#*:}" >/dev/null || missing="$$missing $${pair%%:*}"; done; \

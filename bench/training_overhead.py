@@ -150,9 +150,9 @@ def main() -> None:
             cli("node", "ingest", str(cohort.root), "--home", str(homes[site]), "-q")
             cli("node", "labels", "import", str(cohort.labels_csv), "--home", str(homes[site]))
             cli("node", "training", "policy", "--allow", app_hash, "--home", str(homes[site]))
-        settings = ("--image-size", "32", "--local-epochs", "1", "--batch-size", "8")
+        settings = ("--image-size", "32", "--local-epochs", "4", "--batch-size", "8")
         run_config = (
-            f"num-rounds={args.rounds} min-nodes=2 image-size=32 local-epochs=1 batch-size=8"
+            f"num-rounds={args.rounds} min-nodes=2 image-size=32 local-epochs=4 batch-size=8"
         )
         env = {"RADFED_URL": url, "RADFED_TOKEN": token, "RADFED_CA": str(home / "pki" / "ca.crt")}
 
@@ -284,7 +284,7 @@ def main() -> None:
 
     print(
         f"Training run wall time: 2 sites x {args.samples} radiographs, {args.rounds} rounds, "
-        f"apps/cxr (32x32, 1 local epoch), {args.repeat} alternating pairs\n"
+        f"apps/cxr (32x32, 4 local epochs), {args.repeat} alternating pairs\n"
     )
     print(f"{'':<44} {'runs (s)':<24} {'median s':>9} {'x bare':>7}")
     base = median(times["bare"])

@@ -145,6 +145,9 @@ def serve(settings: CoordinatorSettings) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
+            # Long-lived connections (a node's keep-alive, a browser) must not hold a
+            # stop past what service managers wait (Docker: 10 s by default).
+            timeout_graceful_shutdown=5,
         )
     )
     stopped_by: list[int] = []

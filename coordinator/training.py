@@ -292,6 +292,10 @@ def resume(
         run.error = None
         run.finished_at = None
         run.metrics = json.dumps({"superlink_restarts": superlink_restarts})
+        # Until the new Flower run exists, nothing of the old attempt may decide this one:
+        # not its Flower status, not the status file its ServerApp left.
+        run.flower_run_id = None
+        (run_dir / RUN_STATUS_FILE).unlink(missing_ok=True)
         audit.append(
             session, who, "run.resume", name, from_round=checkpoint[0] if checkpoint else 0
         )

@@ -78,6 +78,9 @@ def serve(settings: NodeSettings) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
+            # Long-lived connections (a node's keep-alive, a browser) must not hold a
+            # stop past what service managers wait (Docker: 10 s by default).
+            timeout_graceful_shutdown=5,
         )
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; these

@@ -106,7 +106,7 @@ def submit(
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 0.0,
     local_epochs: Annotated[int, typer.Option(min=1)] = 1,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    learning_rate: Annotated[float, typer.Option("--lr")] = 0.05,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 0.002,
     image_size: Annotated[int, typer.Option(min=16)] = 64,
     task: Annotated[str, typer.Option(help="binary or ricord4.")] = "binary",
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits.")] = 600.0,

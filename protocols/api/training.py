@@ -52,7 +52,7 @@ class RunCreate(BaseModel):
     dp_noise: float = Field(0.0, ge=0, le=100, description="noise multiplier (with dp_clip)")
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(16, ge=1, le=4096)
-    learning_rate: float = Field(0.05, gt=0, le=10)
+    learning_rate: float = Field(0.002, gt=0, le=10)
     image_size: int = Field(64, ge=16, le=1024)
     task: Literal["binary", "ricord4"] = "binary"
     round_timeout: float = Field(600.0, ge=5, le=86400)

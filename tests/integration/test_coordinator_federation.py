@@ -290,6 +290,16 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/releases/{name}"): {"operator", "researcher"},
     ("GET", "/api/v1/releases/{a}/diff/{b}"): {"operator", "researcher"},
     ("POST", "/api/v1/node/exams/{study_uid}/withdraw"): {"node"},
+    ("GET", "/api/v1/apps"): {"operator", "researcher"},
+    ("POST", "/api/v1/runs"): {"operator", "researcher"},
+    ("GET", "/api/v1/runs"): {"operator", "researcher"},
+    ("GET", "/api/v1/runs/{run_id}"): {"operator", "researcher"},
+    ("POST", "/api/v1/runs/{run_id}/stop"): {"operator", "researcher"},
+    ("POST", "/api/v1/runs/{run_id}/resume"): {"operator", "researcher"},
+    ("GET", "/api/v1/runs/{run_id}/logs"): {"operator", "researcher"},
+    ("GET", "/api/v1/runs/{run_id}/model"): {"operator", "researcher"},
+    ("GET", "/api/v1/runs/{run_id}/provenance"): {"operator", "researcher"},
+    ("GET", "/api/v1/node/releases/{name}/studies"): {"node"},
 }
 #: What path parameters are called with (nothing by these names exists).
 PLACEHOLDERS = {
@@ -300,6 +310,7 @@ PLACEHOLDERS = {
     "{dimension}": "site",
     "{a}": "no-such-release",
     "{b}": "no-such-release",
+    "{run_id}": "run-9999",
 }
 CALLERS = ("nobody", "operator", "researcher", "node", "revoked node", "wrong token")
 

@@ -43,7 +43,7 @@ ALLOWING = ("north", "south")
 DECLINING = "west"
 SITES = (*ALLOWING, DECLINING)
 #: Small and quick on two cores; the signal is still learnable at this size.
-TRAIN = ("--image-size", "32", "--local-epochs", "4", "--batch-size", "8", "--lr", "0.05")
+TRAIN = ("--image-size", "32", "--local-epochs", "8", "--batch-size", "8", "--lr", "0.002")
 
 
 @dataclass
@@ -236,6 +236,8 @@ def test_1_a_run_on_the_release_trains_where_allowed_and_registers_the_model(
     ).split()[0]
     run = training.run(run_id)
     fetched = training.cli("train", "fetch", run_id, "--out", str(tmp_path))
+    logs = training.cli("train", "logs", run_id)
+    table = training.cli("train", "status", run_id)
 
     # Assert: three rounds, north and south trained in each, west declined every time.
     assert run["status"] == "finished" and not run["degraded"], run
@@ -245,6 +247,8 @@ def test_1_a_run_on_the_release_trains_where_allowed_and_registers_the_model(
         assert sorted(record["trained"]) == list(ALLOWING) and min(record["trained"].values()) > 0
         assert record["declined"] == [DECLINING] and record["dropped"] == []
     assert run["participation"] == {"north": "trained", "south": "trained", "west": "declined"}
+    assert "north (" in table and "west" in table  # the status table names sites and samples
+    assert f"{run_id}: Flower run {run['attempts'][0]}" in logs
     # The model beats chance clearly on held-out generated data (balanced binary task).
     final = history[-1]["central_metrics"]
     assert final["eval-accuracy"] >= 0.75, history

@@ -29,7 +29,7 @@ DEFAULTS: Final[dict[str, UserConfigValue]] = {
     "dp-noise": 0.0,
     "local-epochs": 1,
     "batch-size": 16,
-    "learning-rate": 0.05,
+    "learning-rate": 0.002,
     "image-size": 64,
     "label": "ricord:appearance",
     "task": "binary",

@@ -163,16 +163,16 @@ def test_a_failed_run_says_how_to_resume_and_resume_continues_from_the_checkpoin
     # Execute
     watcher.poll()
     failed = training.get(db, run.id)
-    (run_dir / "status.json").write_text(
-        RunState(phase=RunPhase.RUNNING, round=1, rounds=3, updated_at=NOW).model_dump_json()
-    )
     resumed = training.resume(db, settings, cli, run.id, "ada")
+    watcher.poll()  # the failed attempt's status file must not fail the new one
+    still = training.get(db, run.id)
 
     # Assert
     assert failed.status == "failed"
     assert "too few sites answered" in (failed.error or "")
     assert f"radfed train resume {run.id}" in (failed.error or "")
     assert resumed.status == "running" and resumed.attempts == ["1001", "1002"]
+    assert still.status == "running"
     assert cli.started[1]["resume-from"] == str(run_dir / "checkpoints" / "round-1.safetensors")
     with pytest.raises(CoordinatorError) as again:
         training.resume(db, settings, cli, run.id, "ada")
@@ -196,3 +196,18 @@ def test_a_superlink_restart_fails_the_runs_in_flight(
     assert cli.stopped == ["1001"]
     assert "SuperLink restarted" in (after.error or "")
     assert json.loads(after.model_dump_json())["error"].endswith("starts it again")
+
+
+def test_stop_ends_a_running_run_and_only_a_running_one(
+    db: Database, settings: CoordinatorSettings, cli: NoFlower
+) -> None:
+    _two_sites(db, settings)
+    run = training.submit(db, settings, cli, RunCreate(rounds=3), "ada")
+
+    stopped = training.stop(db, cli, run.id, "ada")
+    with pytest.raises(CoordinatorError) as again:
+        training.stop(db, cli, run.id, "ada")
+
+    assert stopped.status == "stopped" and stopped.finished_at is not None
+    assert cli.stopped == ["1001"]
+    assert again.value.code == "run_not_running"
