@@ -19,6 +19,7 @@ process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -374,30 +375,37 @@ def test_4_an_unregistered_supernode_is_refused(training: Training, tmp_path: Pa
     )
     from tests.helpers import free_port
 
-    # Execute
-    done = subprocess.run(
-        [
-            str(ROOT / ".venv" / "bin" / "flower-supernode"),
-            "--superlink",
-            f"127.0.0.1:{training.coordinator.superlink_port}",
-            "--port",
-            str(free_port()),
-            "--root-certificates",
-            str(training.coordinator.home / "pki" / "ca.crt"),
-            "--auth-supernode-private-key",
-            str(path),
-            "--max-retries",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "FLWR_HOME": str(tmp_path), "FLWR_DISABLE_UPDATE_CHECK": "1"},
-    )
+    # Execute: its own session, so Flower's executor it starts goes with it afterwards.
+    log = tmp_path / "stranger.log"
+    with open(log, "w") as out:
+        stranger = subprocess.Popen(
+            [
+                str(ROOT / ".venv" / "bin" / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{training.coordinator.superlink_port}",
+                "--port",
+                str(free_port()),
+                "--root-certificates",
+                str(training.coordinator.home / "pki" / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(path),
+                "--max-retries",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "FLWR_HOME": str(tmp_path), "FLWR_DISABLE_UPDATE_CHECK": "1"},
+        )
+        try:
+            code = stranger.wait(90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(stranger.pid, signal.SIGKILL)
 
     # Assert
-    assert done.returncode != 0
-    assert "Failed to activate SuperNode" in done.stdout + done.stderr
+    assert code != 0
+    assert "Failed to activate SuperNode" in log.read_text()
 
 
 def test_5_stopping_the_services_leaves_no_flower_process_behind(training: Training) -> None:
