@@ -379,20 +379,26 @@ class RunWatcher:
     def _poll_run(
         self, name: str, run_dir: Path, flower_id: str | None, meta: dict[str, Any]
     ) -> None:
-        records = _read_rounds(run_dir)
+        # The status file first: the ServerApp writes a round's line before the status
+        # that follows it, so a finished status read first means every round is on disk.
         state = _read_state(run_dir)
-        self._record_rounds(name, records)
+        self._record_rounds(name, _read_rounds(run_dir))
         if state is not None and state.phase == RunPhase.FINISHED:
             self._finish(name, run_dir)
             return
-        if state is not None and state.phase == RunPhase.FAILED:
-            self._fail(name, state.error or "the ServerApp failed", resumable=True)
-            return
         if self.superlink_restarts() > int(meta.get("superlink_restarts", 0)):
+            # Whatever the ServerApp said as it went down (it is told to stop), the cause
+            # is the SuperLink's restart: the run's Flower state is gone.
             if flower_id is not None:
                 with contextlib.suppress(CoordinatorError):
                     self.cli.stop_run(flower_id)
-            self._fail(name, "the Flower SuperLink restarted while the run was in flight", True)
+            detail = f" (the ServerApp said: {state.error})" if state and state.error else ""
+            self._fail(
+                name, f"the Flower SuperLink restarted while the run was in flight{detail}", True
+            )
+            return
+        if state is not None and state.phase == RunPhase.FAILED:
+            self._fail(name, state.error or "the ServerApp failed", resumable=True)
             return
         if flower_id is not None and self._polls % self.flower_every == 0:
             try:
@@ -402,6 +408,7 @@ class RunWatcher:
             if flower_status and flower_status.startswith("finished"):
                 state = _read_state(run_dir)  # it may have finished in between
                 if state is not None and state.phase == RunPhase.FINISHED:
+                    self._record_rounds(name, _read_rounds(run_dir))
                     self._finish(name, run_dir)
                 else:
                     self._fail(name, f"Flower ended the run ({flower_status})", True)

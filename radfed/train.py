@@ -14,15 +14,18 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protocols.api.training import AppPublic, Provenance, RunCreate, RunPublic
+if TYPE_CHECKING:
+    import httpx
+
+    from protocols.api.training import RunPublic
+
+# httpx and the wire models load when a command runs: `radfed` starts for every command.
 
 app = typer.Typer(help="Federated training runs across the sites.", no_args_is_help=True)
 out = Console()
@@ -39,6 +42,8 @@ class Client:
     """The researcher's HTTP client of the coordinator."""
 
     def __init__(self, url: str, token: str, ca: Path | None) -> None:
+        import httpx
+
         self.http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
@@ -47,6 +52,8 @@ class Client:
         )
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         try:
             answer = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -61,6 +68,8 @@ class Client:
         return answer
 
     def run(self, run_id: str) -> RunPublic:
+        from protocols.api.training import RunPublic
+
         return RunPublic.model_validate(self.call("GET", f"/api/v1/runs/{run_id}").json())
 
 
@@ -76,6 +85,8 @@ def _client(url: str, token: str, ca: Path | None) -> Client:
 @app.command("apps")
 def apps(url: UrlOption, token: TokenOption, ca: CaOption = None) -> None:
     """The Flower apps on offer, with the bundle hash node policies allow."""
+    from protocols.api.training import AppPublic
+
     found = [
         AppPublic.model_validate(a)
         for a in _client(url, token, ca).call("GET", "/api/v1/apps").json()
@@ -113,6 +124,8 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Follow the run until it ends.")] = False,
 ) -> None:
     """Start a run; prints its id."""
+    from protocols.api.training import RunCreate, RunPublic
+
     try:
         body = RunCreate(
             app=app_name,
@@ -146,6 +159,14 @@ def submit(
 
 
 def _follow(client: Client, run_id: str, poll: float = 2.0) -> RunPublic:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     progress = Progress(
         TextColumn(f"[bold]{run_id}"),
         BarColumn(),
@@ -219,6 +240,8 @@ def status(
 @app.command("list")
 def list_runs(url: UrlOption, token: TokenOption, ca: CaOption = None) -> None:
     """Recent runs."""
+    from protocols.api.training import RunPublic
+
     found = [
         RunPublic.model_validate(r)
         for r in _client(url, token, ca).call("GET", "/api/v1/runs").json()
@@ -249,6 +272,8 @@ def logs(run_id: str, url: UrlOption, token: TokenOption, ca: CaOption = None) -
 @app.command("stop")
 def stop(run_id: str, url: UrlOption, token: TokenOption, ca: CaOption = None) -> None:
     """Stop a running run (it can be resumed from its last checkpoint)."""
+    from protocols.api.training import RunPublic
+
     run = RunPublic.model_validate(
         _client(url, token, ca).call("POST", f"/api/v1/runs/{run_id}/stop").json()
     )
@@ -264,6 +289,8 @@ def resume(
     wait: Annotated[bool, typer.Option(help="Follow the run until it ends.")] = False,
 ) -> None:
     """Continue a failed or stopped run from its last checkpointed round."""
+    from protocols.api.training import RunPublic
+
     client = _client(url, token, ca)
     run = RunPublic.model_validate(client.call("POST", f"/api/v1/runs/{run_id}/resume").json())
     out.print(f"{run.id}: {run.status} from round {run.current_round}")
@@ -280,6 +307,8 @@ def fetch(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write into.")] = Path(),
 ) -> None:
     """Download the final model (safetensors) and its provenance JSON."""
+    from protocols.api.training import Provenance
+
     client = _client(url, token, ca)
     provenance = Provenance.model_validate(
         client.call("GET", f"/api/v1/runs/{run_id}/provenance").json()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from node.errors import NodeError
-from node.index.db import Database
 from node.settings import NodeSettings, load_settings
-from node.training import runs
-from node.training.policy import TrainingPolicy
+
+if TYPE_CHECKING:
+    from node.index.db import Database
+
+# The index, alembic and SQLAlchemy load only when a command runs: `radfed` starts
+# for every command, and most never touch training.
 
 app = typer.Typer(help="Federated training on this site: policy and runs.", no_args_is_help=True)
 out = Console()
@@ -60,6 +63,7 @@ def policy(
 ) -> None:
     """Show the training policy, or change it (validated whole; audited)."""
     from node.index import audit
+    from node.training.policy import TrainingPolicy
 
     settings = _settings(home)
     try:
@@ -98,6 +102,8 @@ def policy(
 @app.command("runs")
 def list_runs(home: HomeOption = None) -> None:
     """The runs this site was asked to join, and what it decided."""
+    from node.training import runs
+
     settings = _settings(home)
     table = Table("run", "status", "decided by", "app", "samples", "rounds", "reason")
     for view in runs.list_runs(_db(settings)):
@@ -120,6 +126,8 @@ def approve(
     home: HomeOption = None,
 ) -> None:
     """Let a run train here (it need not have arrived yet)."""
+    from node.training import runs
+
     try:
         view = runs.decide(_db(_settings(home)), run, True, "cli", reason)
     except NodeError as exc:
@@ -134,6 +142,8 @@ def decline(
     home: HomeOption = None,
 ) -> None:
     """Keep a run from training here."""
+    from node.training import runs
+
     try:
         view = runs.decide(_db(_settings(home)), run, False, "cli", reason)
     except NodeError as exc:

@@ -184,6 +184,12 @@ def test_a_superlink_restart_fails_the_runs_in_flight(
 ) -> None:
     _two_sites(db, settings)
     run = training.submit(db, settings, cli, RunCreate(rounds=3), "ada", superlink_restarts=0)
+    # The ServerApp, told to stop as the SuperLink went, wrote its own failure first.
+    (settings.runs_dir / run.id / "status.json").write_text(
+        RunState(
+            phase=RunPhase.FAILED, round=1, rounds=3, error="KeyboardInterrupt: ", updated_at=NOW
+        ).model_dump_json()
+    )
     restarts = [1]
     watcher = training.RunWatcher(
         db, settings, settings.store(), cli, superlink_restarts=lambda: restarts[0]
@@ -195,6 +201,7 @@ def test_a_superlink_restart_fails_the_runs_in_flight(
     assert after.status == "failed"
     assert cli.stopped == ["1001"]
     assert "SuperLink restarted" in (after.error or "")
+    assert "KeyboardInterrupt" in (after.error or "")  # kept as the detail
     assert json.loads(after.model_dump_json())["error"].endswith("starts it again")
 
 
@@ -211,3 +218,39 @@ def test_stop_ends_a_running_run_and_only_a_running_one(
     assert stopped.status == "stopped" and stopped.finished_at is not None
     assert cli.stopped == ["1001"]
     assert again.value.code == "run_not_running"
+
+
+def test_a_finished_run_records_every_round_its_status_file_promises(
+    db: Database, settings: CoordinatorSettings, cli: NoFlower
+) -> None:
+    # Prepare: the watcher sees round 1 while running; then round 2 and "finished" land.
+    _two_sites(db, settings)
+    run = training.submit(db, settings, cli, RunCreate(rounds=2, min_nodes=1), "ada")
+    run_dir = settings.runs_dir / run.id
+
+    def line(n: int) -> str:
+        return (
+            RoundRecord(
+                round=n, sampled=["11"], trained={"11": 5}, finished_at=NOW
+            ).model_dump_json()
+            + "\n"
+        )
+
+    (run_dir / "rounds.jsonl").write_text(line(1))
+    (run_dir / "status.json").write_text(
+        RunState(phase=RunPhase.RUNNING, round=1, rounds=2, updated_at=NOW).model_dump_json()
+    )
+    watcher = training.RunWatcher(db, settings, settings.store(), cli)
+    watcher.poll()
+    (run_dir / "rounds.jsonl").write_text(line(1) + line(2))
+    (run_dir / "model.safetensors").write_bytes(b"w")
+    (run_dir / "status.json").write_text(
+        RunState(phase=RunPhase.FINISHED, round=2, rounds=2, updated_at=NOW).model_dump_json()
+    )
+
+    # Execute
+    watcher.poll()
+
+    # Assert
+    done = training.get(db, run.id)
+    assert done.status == "finished" and [r.round for r in done.history] == [1, 2]
