@@ -16,8 +16,6 @@ format, the round, the run, the task, the label and the image size — what
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from protocols.storage import write_private
 from protocols.training import (
     RUN_CHECKPOINTS_DIR,
     RUN_MODEL_FILE,
@@ -48,18 +47,8 @@ def _now() -> dt.datetime:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace ``path`` with ``data`` in one rename (private to the coordinator's user)."""
+    write_private(path, data, 0o600)
 
 
 class RunDirectory:
