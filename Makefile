@@ -53,8 +53,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two workers, one module per worker at a time (module fixtures start real services).
+PYTEST_WORKERS ?= 2
 unit: install system-deps services
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 audit: install
 	$(BIN)/python tools/audit.py

@@ -7,7 +7,7 @@ import typer
 from coordinator.cli import app as coordinator_app
 from node.cli import app as node_app
 from radfed import __version__
-from radfed.demo import app as demo_app
+from radfed.demo.cli import app as demo_app
 from radfed.train import app as train_app
 
 app = typer.Typer(

@@ -155,10 +155,11 @@ def submit(
     if run.status == "failed":
         raise _fail(run.error or "the run failed to start")
     if wait:
-        _follow(client, run.id)
+        follow(client, run.id)
 
 
-def _follow(client: Client, run_id: str, poll: float = 2.0) -> RunPublic:
+def follow(client: Client, run_id: str, poll: float = 2.0) -> RunPublic:
+    """Show a run's rounds as a progress bar until it ends; exit 2 unless it finished."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -192,7 +193,7 @@ def _follow(client: Client, run_id: str, poll: float = 2.0) -> RunPublic:
 @app.command("wait")
 def wait_for(run_id: str, url: UrlOption, token: TokenOption, ca: CaOption = None) -> None:
     """Follow a run until it ends (exit 2 unless it finished)."""
-    _follow(_client(url, token, ca), run_id)
+    follow(_client(url, token, ca), run_id)
 
 
 @app.command("status")
@@ -295,7 +296,7 @@ def resume(
     run = RunPublic.model_validate(client.call("POST", f"/api/v1/runs/{run_id}/resume").json())
     out.print(f"{run.id}: {run.status} from round {run.current_round}")
     if wait:
-        _follow(client, run.id)
+        follow(client, run.id)
 
 
 @app.command("fetch")

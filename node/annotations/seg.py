@@ -19,6 +19,7 @@ conflict and nothing is overwritten.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -37,7 +38,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, SegmentationStorage
 from sqlalchemy import select
 
 from node.annotations import schema
@@ -50,7 +51,9 @@ from node.annotations.report import (
     Unmatched,
     Unparseable,
 )
+from node.deid.engine import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.deid.runner import TMP_DIR, FileOutcome, InstanceInfo, fsync_dir
+from node.deid.values import dummy
 from node.errors import NodeError
 from node.index import audit
 from node.index.models import ImportRun, Instance, Patient, Series, Study
@@ -386,7 +389,43 @@ def _build(
             content_time=time,
         )
     _make_reproducible(seg, _uid("dimension", target.series_uid, names))
+    _conform_to_profile(seg, first)
     return seg
+
+
+#: What the source images' de-identification record says; the SEG says the same.
+_DEID_RECORD = (
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
+
+
+def _conform_to_profile(seg: Dataset, source: Dataset) -> None:
+    """Hold the SEG to the rules every de-identified object on this node meets.
+
+    highdicom writes attributes the de-identification profile removes, empties or
+    replaces (descriptions, contributing equipment, dimension labels, its own
+    implementation UID) and none of the de-identification record. None of them
+    carries PHI here, but the node's PHI scan judges every object by the same
+    rules: left as they are, a study with masks is held at every scan and can
+    never be shared. Optional (type 3) ones go; type 2 ones are emptied; the
+    device serial number (type 1) gets the profile's dummy value.
+    """
+    for keyword in ("SeriesDescription", "ContributingEquipmentSequence", "SegmentsOverlap"):
+        if keyword in seg:
+            delattr(seg, keyword)
+    for item in seg.get("DimensionIndexSequence", []):
+        if "DimensionDescriptionLabel" in item:
+            del item.DimensionDescriptionLabel
+    seg.ContentDescription = ""
+    seg.DeviceSerialNumber = dummy("LO").decode("ascii").strip()
+    for keyword in _DEID_RECORD:
+        if keyword in source:
+            seg[keyword] = copy.deepcopy(source[keyword])
+    seg.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID.decode("ascii"))
+    seg.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME.decode("ascii")
 
 
 def _code(coded: schema.Coded) -> hd.sr.CodedConcept:

@@ -263,17 +263,6 @@ def test_the_report_stays_in_the_node_home(tmp_path: Path) -> None:
     assert "DOE_JOHN" in json.loads(report.read_text().splitlines()[0])["source"]
 
 
-def test_the_demo_runs_the_stages_that_exist(tmp_path: Path) -> None:
-    proc = run_cli("demo", "--workdir", str(tmp_path), "--patients", "1", "--ct-slices", "2")
-
-    assert proc.returncode == 0, proc.stderr
-    assert "Ingest summary (de-identification + index)" in proc.stdout
-    assert "node now holds 5 instance(s) in 2 stud(ies); 1 quarantined" in proc.stdout
-    outputs = list((tmp_path / "site-a" / "node-home" / "store").rglob("*.dcm"))
-    assert len(outputs) == 5  # 2 CT slices, 1 radiograph, 1 ultrasound, 1 report
-    assert all(pydicom.dcmread(p).PatientIdentityRemoved == "YES" for p in outputs)
-
-
 def test_a_site_allowlist_keeps_its_private_attribute(tmp_path: Path) -> None:
     source = write_ct(tmp_path / "in" / "a.dcm")
     ds = pydicom.dcmread(source)

@@ -254,3 +254,35 @@ def test_a_finished_run_records_every_round_its_status_file_promises(
     # Assert
     done = training.get(db, run.id)
     assert done.status == "finished" and [r.round for r in done.history] == [1, 2]
+
+
+def test_a_run_flower_ended_without_a_word_from_the_serverapp_fails_at_the_next_check(
+    db: Database, settings: CoordinatorSettings, cli: NoFlower
+) -> None:
+    # Prepare: the ServerApp died before writing any status; Flower reports the run over.
+    _two_sites(db, settings)
+    run = training.submit(db, settings, cli, RunCreate(rounds=2), "ada")
+    asked: list[str] = []
+
+    def status(run_id: str) -> str | None:
+        asked.append(run_id)
+        return "finished:failed"
+
+    cli.run_status = status  # type: ignore[method-assign]
+    now = [100.0]
+    watcher = training.RunWatcher(
+        db, settings, settings.store(), cli, flower_check_s=30, clock=lambda: now[0]
+    )
+
+    # Execute: polls within 30 s of first seeing the run do not ask Flower; the next does.
+    watcher.poll()
+    now[0] = 129.0
+    watcher.poll()
+    before = training.get(db, run.id).status
+    now[0] = 131.0
+    watcher.poll()
+
+    # Assert
+    assert before == "running" and asked == ["1001"]
+    after = training.get(db, run.id)
+    assert after.status == "failed" and "Flower ended the run" in (after.error or "")

@@ -32,6 +32,7 @@ from node.intake.ingest import ingest
 from node.settings import NodeSettings, load_settings
 from node.site import engine_config, open_index
 from protocols.deid.options import DeidOptions
+from protocols.phi.scanner import scan
 from radfed.synth.labels import LabelCorpus, SourceInstance, read_back, write_label_corpus
 from radfed.synth.site import write_site_corpus
 
@@ -564,6 +565,35 @@ def test_a_seg_holds_no_original_identifier_even_in_its_bytes(site: Site) -> Non
         for value in originals:
             assert value.encode() not in raw, value
         assert all(value not in report.to_json() for value in originals)
+
+
+@pytest.mark.parametrize("options", ["defaults", "basic"])
+def test_a_seg_passes_the_nodes_own_phi_scan_so_its_study_can_be_shared(
+    tmp_path: Path, options: str
+) -> None:
+    # Prepare: a node with the default options, or with every retain option off.
+    corpus = write_site_corpus(tmp_path / "export", patients=1, ct_slices=3, ct_size=32)
+    files = write_label_corpus(corpus, tmp_path / "sheets")
+    deid = DeidOptions() if options == "defaults" else DeidOptions.basic()
+    settings = load_settings(tmp_path / "home", deid=deid)
+    index = open_index(settings)
+    ingest([corpus.root], settings, index, engine_config(settings), 1, tmp_path / "run.jsonl")
+
+    # Execute
+    report = import_segmentations(index, settings, files.manifest_csv, "operator")
+
+    # Assert: the scan that vets every study and gates every send finds nothing in a SEG
+    # (highdicom's descriptions, contributing equipment and implementation UID would be
+    # findings), and the SEG carries the de-identification record of its images.
+    assert report.objects
+    for obj in report.objects:
+        path = settings.store_dir / obj.path
+        findings = scan(path, deid, site_prefix=settings.site_id)
+        assert findings == [], [(f.kind, f.location, f.message) for f in findings]
+        seg = pydicom.dcmread(path)
+        assert seg.PatientIdentityRemoved == "YES"
+        assert "DeidentificationMethodCodeSequence" in seg
+        assert seg.file_meta.ImplementationClassUID.startswith("2.25.")
 
 
 def test_a_seg_is_recorded_in_the_index(site: Site) -> None:
