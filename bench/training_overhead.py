@@ -8,12 +8,17 @@ the same app (`apps/cxr`), data, rounds and settings, measured in one run:
 * **RadFed**: `radfed train submit --wait`, from submit until the run is
   finished and its model registered — through the coordinator API, the node
   gates (policy, cohort manifest, audit) and the run watcher.
+* **RadFed, SuperNodes only**: the same submit, with each node's SuperNode started
+  exactly as `radfed node serve` starts it (its gate on `PATH`) but without the rest
+  of the node appliance (API, DICOM listener, vetter, outbox, heartbeats): the
+  difference to the first is what the appliance running beside training costs.
 * **bare Flower**: `flwr run apps/cxr` against the same SuperLink, with the same
   node keys in plain `flower-supernode`s (Flower's own `flwr-clientapp`, the
   manifest handed over in `--node-config`), until the run ends.
 
-The two alternate (`--repeat` pairs); the table shows each wall time, the median
-and the ratio. A benchmark: it prints a table, it does not pass or fail.
+The three alternate (`--repeat` rounds of all three); the table shows each wall
+time, the median and the ratio. A benchmark: it prints a table, it does not pass
+or fail.
 
     .venv/bin/python bench/training_overhead.py [--rounds 3] [--samples 48] [--repeat 2]
 """
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -110,7 +116,9 @@ def main() -> None:
 
     from coordinator.training import fab_hash
     from node.index.db import Database
+    from node.settings import load_settings
     from node.training.cohort import Cohort, samples
+    from node.training.supernode import supernode
     from protocols.training import TrainingManifest
     from radfed.synth.cohort import write_cohort
 
@@ -133,6 +141,7 @@ def main() -> None:
     )
     nodes: dict[str, subprocess.Popen[bytes]] = {}
     bare: list[subprocess.Popen[bytes]] = []
+    gated: list[Any] = []
     try:
         time.sleep(3)
         url = f"https://127.0.0.1:{api}"
@@ -175,6 +184,15 @@ def main() -> None:
                     stdout=log,
                     stderr=log,
                 )
+            wait_online(home, len(SITES))
+
+        def start_gated() -> None:
+            for site in SITES:
+                proc = supernode(load_settings(homes[site], supernode_port=free_port()))
+                if proc is None:
+                    raise SystemExit(f"{site}: no SuperNode to start (not enrolled?)")
+                proc.start()
+                gated.append(proc)
             wait_online(home, len(SITES))
 
         def start_bare() -> None:
@@ -259,12 +277,19 @@ def main() -> None:
                 raise SystemExit(f"bare Flower run wrote no model:\n{done.stdout[-3000:]}")
             return seconds
 
-        times: dict[str, list[float]] = {"radfed": [], "bare": []}
+        times: dict[str, list[float]] = {"radfed": [], "gated": [], "bare": []}
         for n in range(args.repeat):
             start_nodes()
             times["radfed"].append(radfed_run())
             for proc in nodes.values():
                 stop(proc)
+            time.sleep(5)  # the SuperLink notices the SuperNodes are gone
+            start_gated()
+            times["gated"].append(radfed_run())
+            for supervised in gated:
+                supervised.stop()
+            gated.clear()
+            time.sleep(5)
             start_bare()
             times["bare"].append(bare_run(n))
             for proc in bare:
@@ -276,6 +301,8 @@ def main() -> None:
         for proc in [*nodes.values(), *bare]:
             if proc.poll() is None:
                 proc.terminate()
+        for supervised in gated:
+            supervised.stop()
         stop(coordinator)
 
     def median(values: list[float]) -> float:
@@ -284,12 +311,13 @@ def main() -> None:
 
     print(
         f"Training run wall time: 2 sites x {args.samples} radiographs, {args.rounds} rounds, "
-        f"apps/cxr (32x32, 4 local epochs), {args.repeat} alternating pairs\n"
+        f"apps/cxr (32x32, 4 local epochs), {args.repeat} alternating rounds of the three\n"
     )
     print(f"{'':<44} {'runs (s)':<24} {'median s':>9} {'x bare':>7}")
     base = median(times["bare"])
     for key, label in (
         ("radfed", "RadFed: submit -> model registered"),
+        ("gated", "RadFed, SuperNodes without the appliance"),
         ("bare", "bare Flower: flwr run --stream"),
     ):
         runs = ", ".join(f"{t:.1f}" for t in times[key])

@@ -14,11 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.errors import NodeError
 from protocols.storage import sqlite_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -30,6 +29,9 @@ def _engine(path: Path, immediate: bool) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent)."""
+    from alembic import command  # only where a schema may change: it costs ~0.2 s to load
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
@@ -52,6 +54,18 @@ class Database:
         migrate(writer)
         path.chmod(0o600)
         return cls(path, writer, _engine(path, immediate=False))
+
+    @classmethod
+    def attach(cls, path: Path) -> Database:
+        """An index that ``open`` has already brought up to date, without migrating.
+
+        For short-lived helpers of a running node (the training gate starts once per
+        Flower message): ``radfed node serve`` migrates before it starts them, and
+        loading the migration scripts would cost each of them a few hundred ms.
+        """
+        if not path.is_file():
+            raise NodeError("index_missing", f"no node index at {path}: start the node first")
+        return cls(path, _engine(path, immediate=True), _engine(path, immediate=False))
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -36,7 +36,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from node import federation
 from node.errors import NodeError
 from node.index.db import Database
-from node.settings import load_settings
+from node.settings import NodeSettings, load_settings
 from node.training import cohort as cohorts
 from node.training import runs
 from node.training.policy import TrainingPolicy
@@ -62,9 +62,10 @@ def _release_studies(settings_home: Path, release: str) -> frozenset[str]:
         return frozenset(str(uid) for uid in answer.json())
 
 
-def admission(message: Message, context: Context, fab_hash: str, run_id: int) -> runs.Admission:
-    """The site's answer for this message (reads the node home from the environment)."""
-    settings = load_settings()
+def admission(
+    db: Database, settings: NodeSettings, context: Context, fab_hash: str, run_id: int
+) -> runs.Admission:
+    """The site's answer for this message."""
     policy = TrainingPolicy.load(settings.training_policy_path)
     config = context.run_config
     try:
@@ -81,37 +82,28 @@ def admission(message: Message, context: Context, fab_hash: str, run_id: int) ->
             )
         return cohorts.samples(db, settings.store_dir, policy.statuses, wanted)
 
-    db = Database.open(settings.index_path)
-    try:
-        return runs.admit(
-            db,
-            settings.training_dir,
-            policy,
-            federation.site_name(settings) or settings.site_id,
-            str(config.get("radfed-run", "")),
-            str(run_id),
-            fab_hash,
-            cohort,
-            build,
-        )
-    finally:
-        db.close()
+    return runs.admit(
+        db,
+        settings.training_dir,
+        policy,
+        federation.site_name(settings) or settings.site_id,
+        str(config.get("radfed-run", "")),
+        str(run_id),
+        fab_hash,
+        cohort,
+        build,
+    )
 
 
-def _audit(context: Context, message: Message, samples: int) -> None:
-    settings = load_settings()
-    db = Database.open(settings.index_path)
-    try:
-        kind = message.metadata.message_type.split(".")[0]
-        runs.record_round(
-            db,
-            str(context.run_config.get("radfed-run", "")),
-            message.metadata.group_id,
-            kind,
-            samples,
-        )
-    finally:
-        db.close()
+def _audit(db: Database, context: Context, message: Message, samples: int) -> None:
+    kind = message.metadata.message_type.split(".")[0]
+    runs.record_round(
+        db,
+        str(context.run_config.get("radfed-run", "")),
+        message.metadata.group_id,
+        kind,
+        samples,
+    )
 
 
 def run_gated(
@@ -139,10 +131,13 @@ def run_gated(
     reply: Message | None = None
     message: Message | None = None
     sub_status, details, code = SubStatus.FAILED, "the ClientApp did not finish", ExitCode.SUCCESS
+    db: Database | None = None
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        decision = admission(message, context, fab.hash_str, run.run_id)
+        settings = load_settings()  # the node home comes from the environment
+        db = Database.attach(settings.index_path)
+        decision = admission(db, settings, context, fab.hash_str, run.run_id)
         if not decision.accepted:
             log.warning("run %s declined here: %s", run.run_id, decision.reason)
             reply = Message(
@@ -152,7 +147,6 @@ def run_gated(
             sub_status, details = SubStatus.COMPLETED, f"declined: {decision.reason}"
         else:
             context.node_config[NODE_CONFIG_MANIFEST] = str(decision.manifest)
-            settings = load_settings()
             context.node_config[NODE_CONFIG_SITE] = (
                 federation.site_name(settings) or settings.site_id
             )
@@ -164,7 +158,7 @@ def run_gated(
             if not reply.has_error():
                 for record in reply.content.metric_records.values():
                     samples = int(record.get("num-examples", samples))  # type: ignore[arg-type]
-            _audit(context, message, samples)
+            _audit(db, context, message, samples)
             sub_status, details = SubStatus.COMPLETED, ""
     except Exception as exc:
         log.exception("the ClientApp failed")
@@ -175,6 +169,8 @@ def run_gated(
             )
         code = ExitCode.TASK_PROC_EXCEPTION
     finally:
+        if db is not None:
+            db.close()
         if reply is not None and context is not None:
             try:
                 push_message(client, reply, context)

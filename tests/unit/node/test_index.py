@@ -307,3 +307,24 @@ def test_reading_sealed_originals_is_audited(index: NodeIndex) -> None:
         ("scanner", "vault"),
     ]
     assert "find the file" in reads[0].details
+
+
+def test_attach_uses_an_index_open_migrated_and_refuses_a_missing_one(tmp_path: Path) -> None:
+    # Prepare: a node home whose index `open` created (and migrated).
+    from node.index.db import Database
+
+    path = tmp_path / "index.sqlite"
+    Database.open(path).close()
+
+    # Execute
+    attached = Database.attach(path)
+    with attached.read() as session:
+        version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    attached.close()
+    with pytest.raises(NodeError) as missing:
+        Database.attach(tmp_path / "elsewhere.sqlite")
+
+    # Assert
+    assert version
+    assert missing.value.code == "index_missing"
+    assert not (tmp_path / "elsewhere.sqlite").exists()  # nothing created on the way
