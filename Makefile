@@ -72,6 +72,7 @@ bench: install services
 	$(BIN)/python bench/federation_share.py
 	$(BIN)/python bench/fedavg_aggregation.py
 	$(BIN)/python bench/training_overhead.py
+	$(BIN)/python bench/demo_time.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py
