@@ -32,7 +32,9 @@ release_app = typer.Typer(
     no_args_is_help=True,
 )
 exam_app = typer.Typer(help="Registered exams: search, detail, statistics.", no_args_is_help=True)
+tls_app = typer.Typer(help="The coordinator's TLS server certificate.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(tls_app, name="tls")
 app.add_typer(release_app, name="release")
 app.add_typer(exam_app, name="exam")
 out = Console()
@@ -96,7 +98,7 @@ def init(
     from coordinator import audit, pki
 
     settings = _settings(home)
-    names = server_name or settings.server_names
+    names = _with_loopback(server_name or settings.server_names)
     try:
         settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         ca = pki.create(pki.Paths(settings.pki_dir), federation or settings.federation, names)
@@ -115,6 +117,54 @@ def init(
         raise _fail(exc.message) from exc
     out.print(f"federation created in {settings.home}")
     out.print(f"CA fingerprint (SHA-256): {pki.fingerprint(ca)}")
+
+
+#: Names the coordinator's own clients dial (its ``flwr`` calls reach the SuperLink on
+#: loopback, over TLS with this certificate): always in it, whatever else is.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
+def _with_loopback(names: list[str]) -> list[str]:
+    """``names`` in order (the first is what nodes dial), then the loopback names."""
+    return list(dict.fromkeys([*names, *LOOPBACK_NAMES]))
+
+
+@tls_app.command("renew")
+def tls_renew(
+    home: HomeOption = None,
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option(help="Names for the certificate (repeat); default: the server_names setting."),
+    ] = None,
+) -> None:
+    """Issue a new server certificate (397 days) from the federation CA; restart to use it.
+
+    Nodes keep their certificates and the CA does not change, so nothing needs to be
+    done at the sites. Also what to run after changing ``server_names``.
+    """
+    from coordinator import audit, pki
+
+    settings = _settings(home)
+    names = _with_loopback(server_name or settings.server_names)
+    try:
+        cert = pki.issue_server_certificate(pki.Paths(settings.pki_dir), names)
+        db = _db(settings)
+        with db.write() as session:
+            audit.append(
+                session,
+                "cli",
+                "tls.renew",
+                cert.subject.rfc4514_string(),
+                server_names=names,
+                not_after=cert.not_valid_after_utc.isoformat(),
+            )
+        db.close()
+    except CoordinatorError as exc:
+        raise _fail(exc.message) from exc
+    out.print(
+        f"new server certificate for {', '.join(names)}, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d}; restart the coordinator to use it"
+    )
 
 
 @app.command()

@@ -445,7 +445,9 @@ def doctor(home: HomeOption = None) -> None:
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
-    role: Annotated[str, typer.Option(help="Role: operator.")] = "operator",
+    role: Annotated[
+        str, typer.Option(help="Role: operator (everything) or reviewer (approve, reject).")
+    ] = "operator",
     home: HomeOption = None,
 ) -> None:
     """Create an API token and print it (only its hash is kept: this is the one time)."""

@@ -91,6 +91,10 @@ def _http_error(response: httpx.Response) -> NodeError:
 
 def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
     """Join the federation at ``url`` with a one-time ``token``."""
+    # The home holds the site key and the originals vault: only its owner may enter,
+    # even when enrolling is the first thing done in it.
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.keys_dir.mkdir(exist_ok=True, mode=0o700)
     url = url.rstrip("/")
     expected = _ca_fingerprint(token)
     try:

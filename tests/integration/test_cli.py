@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -310,3 +311,40 @@ def test_quarantine_is_listed_and_its_source_unsealed_on_request(tmp_path: Path)
     assert "not_dicom" in listed.stdout and "DOE_JOHN" not in listed.stdout
     assert source.stdout.strip().endswith("DOE_JOHN_notes.txt")
     assert "audit log intact: 2 entries" in verified.stdout  # the quarantine and the read
+
+
+def test_the_coordinator_certificate_is_renewed_for_its_names_and_loopback_stays_in(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    from cryptography import x509
+
+    home = tmp_path / "coordinator"
+    run_cli("coordinator", "init", "--home", str(home), "--server-name", "a.example", check=True)
+    first = x509.load_pem_x509_certificate((home / "pki" / "server.crt").read_bytes())
+    ca_before = (home / "pki" / "ca.crt").read_bytes()
+
+    # Execute
+    renewed = run_cli(
+        "coordinator", "tls", "renew", "--home", str(home), "--server-name", "b.example"
+    )
+    cert = x509.load_pem_x509_certificate((home / "pki" / "server.crt").read_bytes())
+    verified = run_cli("coordinator", "audit", "verify", "--home", str(home))
+
+    # Assert: the names asked for first, loopback kept (the coordinator's own Flower
+    # client dials it), a new key, the same CA, and the renewal in the audit chain.
+    def names(c: x509.Certificate) -> list[str]:
+        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(n.value) for n in san]
+
+    assert renewed.returncode == 0, renewed.stderr
+    assert names(first) == ["a.example", "localhost", "127.0.0.1"]
+    assert names(cert) == ["b.example", "localhost", "127.0.0.1"]
+    assert cert.public_key() != first.public_key()
+    assert (home / "pki" / "ca.crt").read_bytes() == ca_before
+    assert oct((home / "pki" / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    with sqlite3.connect(home / "registry.sqlite") as db:
+        actions = [a for (a,) in db.execute("SELECT action FROM audit_log ORDER BY seq")]
+    assert actions[-1] == "tls.renew"
+    assert "restart the coordinator" in renewed.stdout

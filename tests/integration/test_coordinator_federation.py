@@ -146,7 +146,9 @@ def test_enrollment_stores_a_private_key_and_a_certificate_for_the_site(
     cert = x509.load_pem_x509_certificate((node.federation / "node.crt").read_bytes())
     ca = x509.load_pem_x509_certificate((node.federation / "ca.crt").read_bytes())
 
-    assert stat.S_IMODE(node.federation.stat().st_mode) == 0o700
+    # The home (the first thing enrolling made in it) and the keys folder: owner only.
+    for folder in (node.federation, node.federation.parent, node.federation.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     for name in ("node.key", "node.crt", "ca.crt", "coordinator.json"):
         assert stat.S_IMODE((node.federation / name).stat().st_mode) == 0o600
     assert config["site"] == "st-marys" and config["url"] == federation.coordinator.url
