@@ -72,6 +72,8 @@ bench: install services
 	$(BIN)/python bench/federation_share.py
 	$(BIN)/python bench/fedavg_aggregation.py
 	$(BIN)/python bench/training_overhead.py
+	$(BIN)/python bench/api_fuzz.py
+	$(BIN)/python bench/fuzz_dicom.py --seconds 600
 	$(BIN)/python bench/demo_time.py
 
 profile: install

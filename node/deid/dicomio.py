@@ -29,6 +29,11 @@ MAX_DEPTH: Final = 64
 MAX_ELEMENTS: Final = 1_000_000
 #: Trailing zero padding is accepted when it is no longer than this.
 MAX_PADDING: Final = 1 << 20
+#: A deflated data set may inflate to this much and no more: a few kilobytes of
+#: deflate can claim gigabytes (a "deflate bomb"), and the whole data set is held in
+#: memory. Deflate is used for structured reports and small images in practice.
+MAX_INFLATED: Final = 256 << 20
+INFLATE_CHUNK: Final = 16 << 20
 
 LONG_VRS: Final = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UR", "UT", "UN", "SV", "UV"}
@@ -43,7 +48,10 @@ EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 class DicomFormatError(Exception):
     """The bytes are not a DICOM file we can rewrite safely.
 
-    ``code`` is one of ``not_dicom``, ``truncated``, ``malformed``.
+    ``code`` is one of ``not_dicom``, ``truncated``, ``malformed``, ``too_large``
+    (a deflated data set inflating past :data:`MAX_INFLATED`), ``pixel_data_size``
+    (native pixel data of another size than its image pixel attributes describe) and
+    ``bad_charset`` (a Specific Character Set that is not a code string).
     """
 
     def __init__(self, code: str, message: str, position: int | None = None) -> None:
@@ -323,6 +331,8 @@ def split_part10(buf: bytes | memoryview) -> Part10:
             break
         vr = bytes(buf[pos + 4 : pos + 6]).decode("ascii", "replace")
         if vr in LONG_VRS:
+            if pos + 12 > size:
+                raise DicomFormatError("truncated", "file meta information cut short")
             length = LE.u32.unpack_from(buf, pos + 8)[0]
             vstart = pos + 12
         elif vr in KNOWN_VRS:
@@ -349,16 +359,40 @@ def split_part10(buf: bytes | memoryview) -> Part10:
     if pos >= size:
         raise DicomFormatError("truncated", "file ends after its meta information")
     if ts == DEFLATED_LE:
-        try:
-            inflated = zlib.decompress(bytes(buf[pos:]), -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise DicomFormatError(
-                "malformed", f"deflated data set does not inflate: {exc}"
-            ) from exc
+        inflated = inflate(buf[pos:], MAX_INFLATED)
         if not inflated:
             raise DicomFormatError("truncated", "deflated data set is empty")
         return Part10(meta, ts, enc, True, inflated, 0)
     return Part10(meta, ts, enc, False, buf, pos)
+
+
+def inflate(data: bytes | memoryview, limit: int) -> memoryview:
+    """Inflate a raw deflate stream, refusing it once it grows past ``limit`` bytes.
+
+    Inflated a chunk at a time into one growing buffer, so a bomb costs ``limit``
+    bytes of memory at most, not what it claims.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending: bytes | memoryview = data
+    try:
+        while pending:
+            out += inflater.decompress(pending, INFLATE_CHUNK)
+            if len(out) > limit:
+                raise DicomFormatError(
+                    "too_large", f"deflated data set inflates to more than {limit >> 20} MiB"
+                )
+            pending = inflater.unconsumed_tail
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise DicomFormatError("malformed", f"deflated data set does not inflate: {exc}") from exc
+    if not inflater.eof:
+        raise DicomFormatError("truncated", "deflated data set cut short")
+    if len(out) > limit:
+        raise DicomFormatError(
+            "too_large", f"deflated data set inflates to more than {limit >> 20} MiB"
+        )
+    return memoryview(out)
 
 
 def _without_meta(buf: bytes | memoryview, pos: int) -> Part10:

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from node.deid import dicomio as io
 from node.deid.dicomio import DicomFormatError, Element, Encoding
+from node.deid.pixelcheck import check_pixels
 from node.deid.values import (
     Keyed,
     ReplacementError,
@@ -57,6 +58,9 @@ RECOGNIZABLE_FEATURES: Final = 0x00280302
 PATIENT_BIRTH_DATE: Final = 0x00100030
 ACCESSION_NUMBER: Final = 0x00080050
 STUDY_DATE: Final = 0x00080020
+SPECIFIC_CHARACTER_SET: Final = 0x00080005
+#: What a Specific Character Set value (CS, a defined term per component) may hold.
+_CHARSET_BYTES: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-\\")
 
 _READ_AT_TOP: Final = frozenset(
     {
@@ -237,6 +241,8 @@ class Deidentifier:
             if group & 1:
                 self._private(ctx, el, creators, used_creators, out)
                 continue
+            if tag == SPECIFIC_CHARACTER_SET:
+                _check_charset(buf[el.vstart : el.vend])
             vr = el.vr
             if vr == "SQ":
                 eff = "SQ"
@@ -442,6 +448,7 @@ class Deidentifier:
                 ) from None
             part.enc = io.IMPLICIT_LE_ENC
             part.transfer_syntax = io.IMPLICIT_VR_LE
+        check_pixels(part.dataset, elements, part.enc, part.transfer_syntax)
         buf = part.dataset
         top: dict[int, bytes] = {}
         for el in elements:
@@ -640,6 +647,16 @@ def _decode(raw: bytes, kind: str, enc: Encoding) -> str | int | float | None:
     except ValueError:
         return None
     return text
+
+
+def _check_charset(raw: bytes | memoryview) -> None:
+    """Refuse a Specific Character Set that no reader can look up (bytes outside a code
+    string): it is kept in the output, which would then be unreadable."""
+    value = bytes(raw).rstrip(b" \x00")
+    if not _CHARSET_BYTES.issuperset(value):
+        raise DicomFormatError(
+            "bad_charset", f"Specific Character Set is not a code string: {value[:32]!r}"
+        )
 
 
 def _patient_key(top: dict[int, bytes]) -> bytes:

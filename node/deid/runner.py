@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,6 +46,17 @@ IN_FLIGHT_PER_WORKER = 16
 VAULT_BATCH = 512
 FLUSH_SECONDS = 1.0
 TMP_DIR = ".radfed-tmp"
+#: What a malformed file can still make the engine raise past its own checks: the
+#: file is quarantined as ``malformed`` with the error, never an exception out of a run.
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    OverflowError,
+    UnicodeError,
+    MemoryError,
+    struct.error,
+    IndexError,
+    RecursionError,
+)
 
 
 @dataclass(frozen=True)
@@ -357,7 +369,7 @@ def _deidentify_and_publish(
         return FileOutcome(source, "quarantined", code=exc.code, reason=exc.message, bytes_in=size)
     except DeidError as exc:
         return FileOutcome(source, "failed", code=exc.code, reason=exc.message, bytes_in=size)
-    except (ValueError, OverflowError, UnicodeError, MemoryError) as exc:
+    except PARSE_ERRORS as exc:
         return FileOutcome(
             source,
             "quarantined",

@@ -37,7 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.deid.dicomio import DicomFormatError
 from node.deid.engine import DeidError
-from node.deid.runner import EngineConfig, FileOutcome, IntakePool, fsync_dir
+from node.deid.runner import PARSE_ERRORS, EngineConfig, FileOutcome, IntakePool, fsync_dir
 from node.index.store import NodeIndex
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -170,7 +170,7 @@ class DicomListener:
                 self.checker.deidentify(data)
         except (DicomFormatError, DeidError) as exc:
             return self._refuse(data, exc.code, exc.message, calling_ae)
-        except (ValueError, OverflowError, UnicodeError, MemoryError) as exc:
+        except PARSE_ERRORS as exc:
             return self._refuse(data, "malformed", f"{type(exc).__name__}: {exc}", calling_ae)
         try:
             self._spool_write(data, calling_ae)

@@ -197,35 +197,57 @@ def _vet_study(
         found.extend((item.id, "scanner", f) for f in findings)
         if not item.burned_in_risk:
             continue
-        rectangles = masking.rules_for(_header(path), rules)
-        if rectangles:
-            apply_mask(
-                index,
-                settings,
-                item.id,
-                [(r.left, r.top, r.width, r.height) for r in rectangles],
-                by="policy",
-                source="device rule",
-            )
-            summary.masked += 1
-            if not _still_at_risk(index, item.id):
-                continue
-        for region in ocr.find_text(path):
-            found.append(
-                (
-                    item.id,
-                    "ocr",
-                    PhiFinding(
-                        severity=Severity.HIGH,
-                        kind="burned_in_text",
-                        location=f"frame {region.frame} at {region.left},{region.top} "
-                        f"{region.width}×{region.height}",
-                        message="text in the pixels",
-                        excerpt=region.text[:40],
-                    ),
+        try:
+            burned = _burned_in(index, settings, item, path, rules, summary)
+        except NodeError as exc:
+            # Pixels that cannot be decoded cannot be checked for text: held for a
+            # person, and the rest of the pass goes on (one such file must not stop
+            # every study behind it).
+            burned = [
+                PhiFinding(
+                    severity=Severity.HIGH,
+                    kind="unreadable",
+                    location="pixel data",
+                    message=f"burned-in text not checked: {exc.code}: {exc.message}"[:500],
                 )
-            )
+            ]
+        found.extend((item.id, "ocr", f) for f in burned)
     return found
+
+
+def _burned_in(
+    index: NodeIndex,
+    settings: NodeSettings,
+    item: _Instance,
+    path: Path,
+    rules: list[masking.MaskRule],
+    summary: VetSummary,
+) -> list[PhiFinding]:
+    """Device rules, then OCR: text found in the pixels of one instance at risk."""
+    rectangles = masking.rules_for(_header(path), rules)
+    if rectangles:
+        apply_mask(
+            index,
+            settings,
+            item.id,
+            [(r.left, r.top, r.width, r.height) for r in rectangles],
+            by="policy",
+            source="device rule",
+        )
+        summary.masked += 1
+        if not _still_at_risk(index, item.id):
+            return []
+    return [
+        PhiFinding(
+            severity=Severity.HIGH,
+            kind="burned_in_text",
+            location=f"frame {region.frame} at {region.left},{region.top} "
+            f"{region.width}×{region.height}",
+            message="text in the pixels",
+            excerpt=region.text[:40],
+        )
+        for region in ocr.find_text(path)
+    ]
 
 
 def redact(text: str) -> str:
@@ -240,7 +262,10 @@ def redact(text: str) -> str:
 def _header(path: Path) -> Any:
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # whatever a malformed header makes pydicom raise
+        raise NodeError("bad_dicom", f"the header cannot be read: {exc}") from exc
 
 
 def _still_at_risk(index: NodeIndex, instance_id: int) -> bool:

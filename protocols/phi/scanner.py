@@ -72,6 +72,9 @@ ALLOWED_META: Final = frozenset(
     {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
 )
 DEFLATED: Final = "1.2.840.10008.1.2.1.99"
+#: A deflated data set inflating past this is not read: a few kilobytes of deflate can
+#: claim gigabytes (a "deflate bomb"), and pydicom inflates the whole data set at once.
+MAX_INFLATED: Final = 256 << 20
 
 #: The dummy value of each VR (action D): what PS3.15 lets a replaced value be.
 DUMMY_TEXT: Final[dict[str, str]] = {
@@ -609,6 +612,23 @@ def _meta_end(data: bytes) -> int | None:
     return pos
 
 
+def _inflates_past(data: bytes, limit: int) -> bool:
+    """Whether a deflated file's data set inflates to more than ``limit`` bytes (counted,
+    not kept); False for any other transfer syntax."""
+    end = _meta_end(data)
+    if end is None or DEFLATED.encode("ascii") not in data[132:end]:
+        return False
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending = data[end:]
+    while pending:
+        total += len(inflater.decompress(pending, 1 << 20))
+        if total > limit:
+            return True
+        pending = inflater.unconsumed_tail
+    return False
+
+
 # -- the scan ---------------------------------------------------------------------------------
 
 
@@ -679,6 +699,14 @@ class _Scanner:
 
     def run(self, data: bytes) -> list[PhiFinding]:
         """Scan one file's bytes."""
+        try:
+            bomb = _inflates_past(data, MAX_INFLATED)
+        except (ValueError, zlib.error) as exc:
+            return self.unreadable_file(data, f"not a readable DICOM file: {exc}")
+        if bomb:
+            return self.unreadable_file(
+                data, f"the deflated data set inflates to more than {MAX_INFLATED >> 20} MiB"
+            )
         try:
             ds = pydicom.dcmread(BytesIO(data))
             meta_end = _meta_end(data)

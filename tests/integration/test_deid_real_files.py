@@ -82,7 +82,13 @@ def test_every_file_is_accounted_for(real_run: dict[str, Any]) -> None:
     assert len(written) >= 10
     for line in report:
         if line["status"] == "quarantined":
-            assert line["code"] in ("not_dicom", "truncated", "malformed", "unreadable")
+            assert line["code"] in (
+                "not_dicom",
+                "truncated",
+                "malformed",
+                "unreadable",
+                "pixel_data_size",
+            )
             assert line["reason"]
     assert real_run["proc"].returncode == (
         1 if any(line["status"] == "failed" for line in report) else 0
