@@ -417,6 +417,13 @@ def manifest(db: Database, store: ObjectStore, name: str) -> tuple[ReleaseManife
     return ReleaseManifest.model_validate_json(body), body
 
 
+def exported(settings: CoordinatorSettings, name: str) -> Path | None:
+    """Where release ``name`` was exported by default, if it was."""
+    _check_name(name)
+    target = settings.releases_dir / name
+    return target if target.is_dir() else None
+
+
 def export(
     db: Database,
     store: ObjectStore,

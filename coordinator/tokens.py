@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 
@@ -81,3 +82,46 @@ def check(db: Database, token: str) -> tuple[str, str] | None:
                 stored.last_used_at = now
                 audit.append(session, row.name, "login", row.name, role=row.role, via="api token")
     return (row.name, row.role)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The person an active API token belongs to (``id`` is the token's row)."""
+
+    id: int
+    name: str
+    role: str
+
+
+def sign_in(db: Database, token: str, via: str) -> Holder | None:
+    """The holder of an active token signing in to a session (``via`` the web UI); audited.
+
+    Unlike ``check`` every sign-in is a login in the audit log: a person chose to
+    start a session.
+    """
+    token = token.strip()
+    if not token.startswith(PREFIX):
+        return None
+    digest = token_hash(token)
+    active = ApiToken.token_hash == digest, ApiToken.revoked_at.is_(None)
+    with db.read() as session:
+        if session.scalar(select(ApiToken.id).where(*active)) is None:
+            return None  # a wrong token takes no write lock
+    with db.write() as session:
+        row = session.scalar(select(ApiToken).where(*active))
+        if row is None:  # revoked in between
+            return None
+        row.last_used_at = utcnow()
+        audit.append(session, row.name, "login", row.name, role=row.role, via=via)
+        return Holder(row.id, row.name, row.role)
+
+
+def holder(db: Database, token_id: int) -> Holder | None:
+    """The holder of token ``token_id`` while it is active (a session re-checks it)."""
+    with db.read() as session:
+        row = session.execute(
+            select(ApiToken.id, ApiToken.name, ApiToken.role).where(
+                ApiToken.id == token_id, ApiToken.revoked_at.is_(None)
+            )
+        ).first()
+    return None if row is None else Holder(row.id, row.name, row.role)

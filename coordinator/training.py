@@ -670,6 +670,12 @@ def list_runs(db: Database, limit: int = 100) -> list[RunPublic]:
         return [_public(session, r) for r in runs]
 
 
+def count_runs(db: Database) -> int:
+    """How many runs were ever submitted."""
+    with db.read() as session:
+        return int(session.scalar(select(func.count()).select_from(TrainingRun)) or 0)
+
+
 def model(db: Database, name: str) -> tuple[str, int, Provenance]:
     """The finished run's model (sha256, size) and its provenance."""
     with db.read() as session:

@@ -20,6 +20,9 @@ evaluation), so a model sees the same input wherever it runs:
    zero mean and unit variance, which removes the remaining differences in
    exposure and contrast between sites; a constant image becomes all zeros.
 
+:func:`display_image` stops after step 4, for a dataset read already (the
+coordinator's thumbnails of registered images).
+
 Anything the pipeline cannot read raises :class:`ImageError`, a ``ValueError``
 naming the file and the reason.
 """
@@ -86,6 +89,16 @@ def load_image(
     return _standardize(resized)
 
 
+def display_image(ds: Dataset, name: str = "<dataset>") -> npt.NDArray[np.float64]:
+    """Steps 1-4 of the pipeline on a dataset read already: the first frame as a viewer
+    shows it, scaled to [0, 1] (1 = white), in its own rows and columns.
+
+    ``name`` names the image in an ``ImageError``.
+    """
+    _check_pixels(name, ds)
+    return _display(name, ds, _first_frame(name, ds))
+
+
 def _read(path: str | PathLike[str]) -> Dataset:
     try:
         ds = pydicom.dcmread(Path(path))
@@ -93,6 +106,11 @@ def _read(path: str | PathLike[str]) -> Dataset:
         raise ImageError(path, "no such file") from None
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise ImageError(path, f"not a readable DICOM file ({exc})") from exc
+    _check_pixels(path, ds)
+    return ds
+
+
+def _check_pixels(path: str | PathLike[str], ds: Dataset) -> None:
     if not any(name in ds for name in PIXEL_ELEMENTS):
         raise ImageError(path, "the file has no pixel data")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -104,7 +122,6 @@ def _read(path: str | PathLike[str]) -> Dataset:
             f"not a monochrome image (Photometric Interpretation {shown}, "
             f"{samples} samples per pixel); only MONOCHROME1 and MONOCHROME2 are supported",
         )
-    return ds
 
 
 def _first_frame(path: str | PathLike[str], ds: Dataset) -> npt.NDArray[np.generic]:

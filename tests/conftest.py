@@ -17,6 +17,10 @@ LONGEST_FIRST = (
     "tests/integration/test_demo.py",
     "tests/integration/test_federation_e2e.py",
     "tests/integration/test_node_outbox.py",
+    "tests/integration/test_api_fuzz.py",
+    "tests/integration/test_docs.py",
+    "tests/integration/test_coordinator_web_ui.py",
+    "tests/integration/test_fuzz_intake.py",
     "tests/integration/test_coordinator_intake.py",
     "tests/integration/test_coordinator_federation.py",
 )

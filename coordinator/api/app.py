@@ -1,26 +1,34 @@
 """The coordinator API: enrollment, node heartbeats, sites (and, as they land, intake,
-registry and releases).
+registry and releases); the web UI (``coordinator.web``) is mounted at ``/ui``.
 
 Who may call what is decided by one dependency per kind of caller:
 ``Node`` (an enrolled, unrevoked site: client certificate + signed request
 token), ``OperatorToken`` and ``ResearcherToken`` (API tokens with a role).
 Service code raises ``CoordinatorError``; ``ERROR_STATUS`` maps its code to the
 HTTP status in one place and every error body is a ``protocols`` ``ErrorBody``.
+The caller is checked before anything else about a request
+(``_authenticate_first``), and every route declares in the OpenAPI document
+the error statuses it may answer with.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import audit, pki, sites, tokens
 from coordinator.errors import CoordinatorError
 from coordinator.identity import NodeIdentity, NonceCache, authenticate_node
+from coordinator.metrics import CoordinatorMetrics, RequestMetrics
 from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import peer_certificate
@@ -32,7 +40,12 @@ from protocols.api.coordinator import (
     SitePublic,
     SiteStatus,
 )
-from protocols.api.errors import ErrorBody, http_error_code, validation_message
+from protocols.api.errors import (
+    ErrorBody,
+    error_responses,
+    http_error_code,
+    validation_message,
+)
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.coordinator.api")
@@ -77,6 +90,10 @@ ERROR_STATUS = {
     "release_manifest_corrupt": 500,
     "export_failed": 500,
     "invalid_request": 422,
+    "invalid_argument": 422,
+    "invalid_sha256": 422,
+    "bad_csr": 422,
+    "bad_site_name": 422,
     "app_not_found": 404,
     "run_not_found": 404,
     "model_not_found": 404,
@@ -86,6 +103,8 @@ ERROR_STATUS = {
     "bad_run_config": 422,
     "superlink_unavailable": 503,
     "superlink_error": 502,
+    "instance_not_found": 404,
+    "not_an_image": 404,
     "internal": 500,
 }
 
@@ -107,6 +126,7 @@ def _person(request: Request, *roles: str) -> str:
     name, role = found
     if role not in roles:
         raise CoordinatorError("forbidden", f"role {role} may not do this")
+    request.state.caller_checked = True
     return name
 
 
@@ -123,21 +143,47 @@ def require_reader(request: Request) -> str:
 def require_node(request: Request) -> NodeIdentity:
     """The enrolled site whose node made this request."""
     settings: CoordinatorSettings = request.app.state.settings
-    return authenticate_node(
+    node = authenticate_node(
         request.app.state.db,
         request.headers.get("authorization"),
         request.method,
-        request.url.path,
+        # the path as routed (``request.url.path`` re-parses it and drops tabs, say)
+        request.scope["path"],
         peer_certificate(request.scope),  # type: ignore[arg-type]
         require_tls_cert=not settings.behind_proxy,
         max_age_s=settings.node_token_max_age_s,
         nonces=request.app.state.nonces,
     )
+    request.state.caller_checked = True
+    return node
 
 
 Operator = Annotated[str, Depends(require_operator)]
 Reader = Annotated[str, Depends(require_reader)]
 Node = Annotated[NodeIdentity, Depends(require_node)]
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI error responses of a route with a caller check (401, 403) and ``statuses``."""
+    return error_responses(401, 403, *statuses)
+
+
+async def _authenticate_first(request: Request, checks: tuple[Callable[..., Any], ...]) -> None:
+    """Check the caller of a request that failed before its route's dependencies ran.
+
+    FastAPI parses a JSON body before it resolves dependencies: without this, a
+    body that is not JSON would be answered (422) before the caller was checked.
+    """
+    route = request.scope.get("route")
+    if getattr(request.state, "caller_checked", False) or not isinstance(route, APIRoute):
+        return
+    for dependency in route.dependant.dependencies:
+        if dependency.call in checks:
+            await run_in_threadpool(dependency.call, request)
+
+
+#: The validation error of a request body that could not be read at all.
+_unreadable_body = {"loc": ("body",), "msg": "not JSON (or not UTF-8)", "type": "json_invalid"}
 
 
 def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
@@ -154,7 +200,7 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     store = settings.store(durable_puts=False)
     app.state.store = store
     from coordinator.api.intake_routes import mount_intake
-    from coordinator.api.registry_routes import mount_registry
+    from coordinator.api.registry_routes import mount_registry, require_viewer
     from coordinator.intake import Intake
 
     intake = Intake(db, settings, store)
@@ -164,18 +210,34 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     from coordinator.api.training_routes import mount_training
 
     mount_training(app, settings, db, store)
+    from coordinator.web.ui import mount_web
+
+    mount_web(app, settings, db, store)
+    metrics = CoordinatorMetrics(
+        db, settings, lambda: int(getattr(app.state, "superlink_restarts", lambda: 0)())
+    )
+    app.state.metrics = metrics
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
     paths = pki.Paths(settings.pki_dir)
+    caller_checks = (require_operator, require_reader, require_node, require_viewer)
 
     @app.exception_handler(CoordinatorError)
     async def _coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
         return _error(exc.code, exc.message, exc.retryable)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:
+            await _authenticate_first(request, caller_checks)
+        except CoordinatorError as refused:
+            return _error(refused.code, refused.message, refused.retryable)
         return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not read (not UTF-8, say)
+            return await _invalid(request, RequestValidationError([_unreadable_body]))
         response = _error(http_error_code(exc.status_code), str(exc.detail))
         response.status_code = exc.status_code
         return response
@@ -191,13 +253,26 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": SOFTWARE_VERSION, "protocol_version": PROTOCOL_VERSION}
 
-    @app.get("/api/v1/enroll/ca")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=errors(),
+        summary="Prometheus metrics (an operator token: the coordinator faces the internet)",
+    )
+    def prometheus(_: Operator) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/api/v1/enroll/ca",
+        response_class=Response,
+        responses={200: {"content": {"application/x-pem-file": {"schema": {"type": "string"}}}}},
+    )
     def ca_certificate() -> Response:
         """The federation CA (public); a node checks it against its token's fingerprint."""
         _, cert = pki.load_ca(paths)
         return Response(pki.pem(cert), media_type="application/x-pem-file")
 
-    @app.post("/api/v1/enroll", response_model=EnrollResponse)
+    @app.post("/api/v1/enroll", response_model=EnrollResponse, responses=errors(422))
     def enroll(body: EnrollRequest) -> EnrollResponse:
         done = sites.enroll(db, settings, body.token, body.csr_pem)
         wake = getattr(app.state, "flower_sync", None)
@@ -212,18 +287,18 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
 
     # -- nodes -----------------------------------------------------------------------
 
-    @app.get("/api/v1/node/whoami")
+    @app.get("/api/v1/node/whoami", responses=errors())
     def whoami(node: Node) -> dict[str, str]:
         return {"site": node.site, "certificate": node.fingerprint}
 
-    @app.post("/api/v1/node/heartbeat", status_code=204)
+    @app.post("/api/v1/node/heartbeat", status_code=204, responses=errors(422))
     def heartbeat(body: Heartbeat, node: Node) -> Response:
         sites.heartbeat(db, node.site_id, body.software_version, body.counts, body.last_error)
         return Response(status_code=204)
 
     # -- operators -------------------------------------------------------------------
 
-    @app.get("/api/v1/sites", response_model=list[SitePublic])
+    @app.get("/api/v1/sites", response_model=list[SitePublic], responses=errors())
     def list_sites(_: Operator) -> list[SitePublic]:
         return [
             SitePublic(
@@ -239,12 +314,12 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
             for s in sites.states(db, settings)
         ]
 
-    @app.post("/api/v1/sites/{name}/revoke", status_code=204)
+    @app.post("/api/v1/sites/{name}/revoke", status_code=204, responses=errors(404, 422))
     def revoke_site(name: str, who: Operator) -> Response:
         sites.revoke(db, name, who)
         return Response(status_code=204)
 
-    @app.get("/api/v1/audit/verify")
+    @app.get("/api/v1/audit/verify", responses=errors())
     def audit_verify(_: Operator) -> dict[str, object]:
         with db.read() as session:
             result = audit.verify(session)

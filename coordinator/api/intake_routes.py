@@ -14,7 +14,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.api.app import Node
+from coordinator.api.app import Node, errors
 from coordinator.errors import CoordinatorError
 from coordinator.intake import MAX_CHUNK, Intake
 from protocols.api.coordinator import (
@@ -29,15 +29,19 @@ from protocols.api.coordinator import (
 def mount_intake(app: FastAPI, intake: Intake) -> None:
     """Add the intake routes to the coordinator's app."""
 
-    @app.post("/api/v1/uploads", response_model=UploadPublic)
+    @app.post("/api/v1/uploads", response_model=UploadPublic, responses=errors(409, 422))
     def open_upload(body: UploadCreate, node: Node) -> UploadPublic:
         return intake.open(node, body)
 
-    @app.get("/api/v1/uploads/{upload_id}", response_model=UploadPublic)
+    @app.get("/api/v1/uploads/{upload_id}", response_model=UploadPublic, responses=errors(404, 422))
     def upload_status(upload_id: str, node: Node) -> UploadPublic:
         return intake.status(node, upload_id)
 
-    @app.put("/api/v1/uploads/{upload_id}/files/{sha256}", response_model=UploadFileState)
+    @app.put(
+        "/api/v1/uploads/{upload_id}/files/{sha256}",
+        response_model=UploadFileState,
+        responses=errors(404, 409, 413, 422),
+    )
     async def put_file(
         upload_id: str,
         sha256: str,
@@ -64,7 +68,10 @@ def mount_intake(app: FastAPI, intake: Intake) -> None:
     @app.post(
         "/api/v1/uploads/{upload_id}/complete",
         response_model=Receipt,
-        responses={422: {"model": Rejection}},
+        responses={
+            **errors(404, 409),
+            422: {"model": Rejection, "description": "Refused: the reasons and PHI findings"},
+        },
     )
     def complete(upload_id: str, node: Node) -> Receipt | JSONResponse:
         outcome = intake.complete(node, upload_id)

@@ -14,7 +14,14 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request
 
 from coordinator import releases
-from coordinator.api.app import Node, Operator, Reader, require_operator, require_reader
+from coordinator.api.app import (
+    Node,
+    Operator,
+    Reader,
+    errors,
+    require_operator,
+    require_reader,
+)
 from coordinator.errors import CoordinatorError
 from coordinator.objects import ObjectStore
 from coordinator.registry import search
@@ -60,7 +67,7 @@ def mount_registry(
 ) -> None:
     """Add the registry and release routes to the coordinator's app."""
 
-    @app.get("/api/v1/exams", response_model=ExamPage)
+    @app.get("/api/v1/exams", response_model=ExamPage, responses=errors(422))
     def list_exams(
         _: Reader,
         site: str | None = None,
@@ -98,11 +105,11 @@ def mount_registry(
             offset=offset,
         )
 
-    @app.get("/api/v1/exams/{study_uid}", response_model=ExamDetail)
+    @app.get("/api/v1/exams/{study_uid}", response_model=ExamDetail, responses=errors(404, 422))
     def exam_detail(study_uid: str, _: Reader) -> ExamDetail:
         return search.detail(db, study_uid)
 
-    @app.get("/api/v1/stats/{dimension}", response_model=StatsTable)
+    @app.get("/api/v1/stats/{dimension}", response_model=StatsTable, responses=errors(404, 422))
     def exam_stats(
         dimension: str,
         viewer: Viewing,
@@ -115,26 +122,37 @@ def mount_registry(
             db, dimension, k=settings.small_count_k, exact=viewer.operator, label=label
         )
 
-    @app.post("/api/v1/releases", response_model=ReleasePublic, status_code=201)
+    @app.post(
+        "/api/v1/releases",
+        response_model=ReleasePublic,
+        status_code=201,
+        responses=errors(409, 422, 500),
+    )
     def create_release(body: ReleaseCreate, who: Operator) -> ReleasePublic:
         """Freeze the matching exams into a release (exported under the releases folder)."""
         return releases.create(
             db, store, settings, body.name, body.filters, who, export=body.export
         )
 
-    @app.get("/api/v1/releases", response_model=list[ReleasePublic])
+    @app.get("/api/v1/releases", response_model=list[ReleasePublic], responses=errors())
     def list_releases(_: Reader) -> list[ReleasePublic]:
         return releases.list_releases(db)
 
-    @app.get("/api/v1/releases/{name}", response_model=ReleasePublic)
+    @app.get("/api/v1/releases/{name}", response_model=ReleasePublic, responses=errors(404, 422))
     def show_release(name: str, _: Reader) -> ReleasePublic:
         return releases.get(db, name)
 
-    @app.get("/api/v1/releases/{a}/diff/{b}", response_model=ReleaseDiff)
+    @app.get(
+        "/api/v1/releases/{a}/diff/{b}", response_model=ReleaseDiff, responses=errors(404, 422)
+    )
     def diff_releases(a: str, b: str, _: Reader) -> ReleaseDiff:
         return releases.diff(db, a, b)
 
-    @app.post("/api/v1/node/exams/{study_uid}/withdraw", response_model=ExamWithdrawn)
+    @app.post(
+        "/api/v1/node/exams/{study_uid}/withdraw",
+        response_model=ExamWithdrawn,
+        responses=errors(404, 422),
+    )
     def withdraw_exam(study_uid: str, body: WithdrawRequest, node: Node) -> ExamWithdrawn:
         """A site withdraws one of its exams (idempotent)."""
         return releases.withdraw(db, node.site_id, study_uid, body.reason, f"site:{node.site}")

@@ -19,11 +19,13 @@ date range is approximate across patients.
 
 Statistics count non-withdrawn exams by site, by modality or by label; in a
 researcher's view a count from 1 to k-1 reads ``<k`` (``small_count_k``),
-operators see exact counts.
+operators see exact counts. ``contributions`` counts them by site and day of
+registration (the coordinator UI's plot).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -59,6 +61,8 @@ from protocols.api.coordinator import (
 
 #: The largest page a search returns.
 MAX_LIMIT = 500
+#: The largest offset SQLite and PostgreSQL take (a 64-bit signed integer).
+MAX_OFFSET = 2**63 - 1
 #: What statistics count exams by.
 DIMENSIONS = ("site", "modality", "label")
 #: ``KEY=VALUE`` filter keys (the CLI's ``--filter``) -> ``ExamFilters`` fields.
@@ -272,8 +276,10 @@ def search(
         raise CoordinatorError(
             "invalid_argument", f'Argument "limit" must be from 1 to {MAX_LIMIT}, not {limit}.'
         )
-    if offset < 0:
-        raise CoordinatorError("invalid_argument", 'Argument "offset" must be 0 or more.')
+    if not 0 <= offset <= MAX_OFFSET:
+        raise CoordinatorError(
+            "invalid_argument", f'Argument "offset" must be from 0 to {MAX_OFFSET}.'
+        )
     sort, order = ExamSort(sort), SortOrder(order)
     column = Exam.study_date if sort == ExamSort.STUDY_DATE else Exam.registered_at
     with db.read() as session:
@@ -422,3 +428,37 @@ def stats(
             counts = _label_counts(session, label)
     name = f"label:{label}" if label is not None else dimension
     return StatsTable.of(name, counts, k, suppress=not exact)
+
+
+def contributions(db: Database, *, by_site: bool = True) -> list[tuple[dt.date, str, int]]:
+    """Non-withdrawn exams registered per UTC day (and site), oldest day first.
+
+    Without ``by_site`` every row's site is ``""``: the federation's total per day.
+    """
+    day = func.date(Exam.registered_at)
+    keys = [day, Site.name] if by_site else [day]
+    query = select(*keys, func.count()).select_from(Exam).where(available(Exam.id))
+    if by_site:
+        query = query.join(Site, Site.id == Exam.site_id)
+    with db.read() as session:
+        rows = session.execute(query.group_by(*keys).order_by(*keys)).all()
+    # SQLite answers date() with text, PostgreSQL with a date: both read the same.
+    return [
+        (dt.date.fromisoformat(str(row[0])[:10]), str(row[1]) if by_site else "", int(row[-1]))
+        for row in rows
+    ]
+
+
+def instance_object(db: Database, study_uid: str, sop_uid: str) -> str:
+    """The sha256 (object store name) of one instance of a registered exam."""
+    with db.read() as session:
+        sha = session.scalar(
+            select(ExamInstance.sha256)
+            .join(Exam, Exam.id == ExamInstance.exam_id)
+            .where(Exam.study_uid == study_uid, ExamInstance.sop_uid == sop_uid)
+        )
+    if sha is None:
+        raise CoordinatorError(
+            "instance_not_found", f"the registry holds no instance {sop_uid} in exam {study_uid}"
+        )
+    return str(sha)

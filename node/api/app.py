@@ -2,7 +2,9 @@
 
 Errors: service code raises ``NodeError``; ``ERROR_STATUS`` maps its code to the
 HTTP status in one place and every error body is a ``protocols`` ``ErrorBody``.
-Every route but ``/healthz`` and ``/metrics`` needs an operator's API token.
+Every route but ``/healthz`` and ``/metrics`` needs an operator's API token,
+checked before anything else about the request (``_authenticate_first``), and
+declares in the OpenAPI document every error status it may answer with.
 No documentation UI is served (it would load assets from a CDN); the OpenAPI
 document is at ``/api/v1/openapi.json``.
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node.errors import NodeError
@@ -26,7 +30,12 @@ from node.index.store import NodeIndex, StudyQuery
 from node.metrics import NodeMetrics
 from node.vetting import review
 from node.vetting.policy import VettingPolicy
-from protocols.api.errors import ErrorBody, http_error_code, validation_message
+from protocols.api.errors import (
+    ErrorBody,
+    error_responses,
+    http_error_code,
+    validation_message,
+)
 from protocols.api.node import (
     Counts,
     FindingPublic,
@@ -57,9 +66,15 @@ ERROR_STATUS = {
     "invalid_request": 422,
     "bad_sort": 422,
     "bad_page": 422,
+    "bad_filter": 422,
+    "bad_run": 422,
     "internal": 500,
 }
 bearer = HTTPBearer(auto_error=False)
+
+
+#: The validation error of a request body that could not be read at all.
+_unreadable_body = {"loc": ("body",), "msg": "not JSON (or not UTF-8)", "type": "json_invalid"}
 
 
 def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
@@ -85,6 +100,7 @@ def require_operator(
     name, role = _token(request, credentials)
     if role != "operator":
         raise NodeError("forbidden", f"role {role} may not do this")
+    request.state.caller_checked = True
     return name
 
 
@@ -96,11 +112,31 @@ def require_reviewer(
     name, role = _token(request, credentials)
     if role not in ("operator", "reviewer"):
         raise NodeError("forbidden", f"role {role} may not do this")
+    request.state.caller_checked = True
     return name
 
 
 Operator = Annotated[str, Depends(require_operator)]
 ReviewerToken = Annotated[str, Depends(require_reviewer)]
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI error responses of a route behind an API token, and ``statuses``."""
+    return error_responses(401, 403, *statuses)
+
+
+async def _authenticate_first(request: Request) -> None:
+    """Check the caller of a request that failed before its route's dependencies ran.
+
+    FastAPI parses a JSON body before it resolves dependencies: without this, a
+    body that is not JSON would be answered (422) before the caller was checked.
+    """
+    route = request.scope.get("route")
+    if getattr(request.state, "caller_checked", False) or not isinstance(route, APIRoute):
+        return
+    for dependency in route.dependant.dependencies:
+        if dependency.call in (require_operator, require_reviewer):
+            await run_in_threadpool(dependency.call, request, await bearer(request))
 
 
 def create_app(
@@ -124,11 +160,17 @@ def create_app(
         return _error(exc.code, exc.message, exc.retryable)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:
+            await _authenticate_first(request)
+        except NodeError as refused:
+            return _error(refused.code, refused.message, refused.retryable)
         return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not read (not UTF-8, say)
+            return await _invalid(request, RequestValidationError([_unreadable_body]))
         response = _error(http_error_code(exc.status_code), str(exc.detail))
         response.status_code = exc.status_code
         return response
@@ -149,11 +191,11 @@ def create_app(
             pending_instances=pending(),
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/v1/studies", response_model=StudyPage)
+    @app.get("/api/v1/studies", response_model=StudyPage, responses=errors(422))
     def search_studies(
         _: Operator,
         status: Annotated[list[StudyStatus] | None, Query()] = None,
@@ -206,11 +248,15 @@ def create_app(
             )
         )
 
-    @app.get("/api/v1/studies/{study_uid}", response_model=StudyDetail)
+    @app.get("/api/v1/studies/{study_uid}", response_model=StudyDetail, responses=errors(404, 422))
     def study_detail(study_uid: str, _: Operator) -> StudyDetail:
         return index.study(study_uid)
 
-    @app.get("/api/v1/studies/{study_uid}/findings", response_model=list[FindingPublic])
+    @app.get(
+        "/api/v1/studies/{study_uid}/findings",
+        response_model=list[FindingPublic],
+        responses=errors(404, 422),
+    )
     def study_findings(study_uid: str, _: ReviewerToken) -> list[FindingPublic]:
         return [
             FindingPublic(
@@ -224,17 +270,25 @@ def create_app(
             for f in review.open_findings(index, study_uid)
         ]
 
-    @app.post("/api/v1/studies/{study_uid}/approve", response_model=ReviewResult)
+    @app.post(
+        "/api/v1/studies/{study_uid}/approve",
+        response_model=ReviewResult,
+        responses=errors(404, 409, 422),
+    )
     def approve(study_uid: str, body: ReviewRequest, who: ReviewerToken) -> ReviewResult:
         outcome = review.approve(index, policy(), study_uid, who, body.reason)
         return ReviewResult(status=outcome.status, message=outcome.message)
 
-    @app.post("/api/v1/studies/{study_uid}/reject", response_model=ReviewResult)
+    @app.post(
+        "/api/v1/studies/{study_uid}/reject",
+        response_model=ReviewResult,
+        responses=errors(404, 409, 422),
+    )
     def reject(study_uid: str, body: ReviewRequest, who: ReviewerToken) -> ReviewResult:
         outcome = review.reject(index, study_uid, who, body.reason)
         return ReviewResult(status=outcome.status, message=outcome.message)
 
-    @app.get("/api/v1/outbox", response_model=list[OutboxEntryPublic])
+    @app.get("/api/v1/outbox", response_model=list[OutboxEntryPublic], responses=errors(422))
     def outbox(
         _: Operator,
         state: str | None = None,
@@ -242,11 +296,11 @@ def create_app(
     ) -> list[OutboxEntryPublic]:
         return index.outbox(state, limit)
 
-    @app.get("/api/v1/counts", response_model=Counts)
+    @app.get("/api/v1/counts", response_model=Counts, responses=errors())
     def counts(_: Operator) -> Counts:
         return index.counts()
 
-    @app.get("/api/v1/quarantine", response_model=QuarantinePage)
+    @app.get("/api/v1/quarantine", response_model=QuarantinePage, responses=errors(422))
     def quarantine(
         _: Operator,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,

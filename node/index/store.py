@@ -141,6 +141,17 @@ class StudyQuery:
     offset: int = 0
 
 
+#: The largest integer SQLite can bind: a filter or offset past it cannot even be compared.
+SQL_INT_MAX = 2**63 - 1
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= 500 or not 0 <= offset <= SQL_INT_MAX:
+        raise NodeError(
+            "bad_page", f'Argument "limit" must be 1..500 and "offset" 0..{SQL_INT_MAX}.'
+        )
+
+
 def _parse_date(value: object) -> dt.date | None:
     text = str(value or "")
     if len(text) != 8 or not text.isdigit():
@@ -424,8 +435,13 @@ class NodeIndex:
         """Studies matching the filters, sorted and paginated."""
         if query.sort not in SORTS:
             raise NodeError("bad_sort", f'Argument "sort" must be one of {", ".join(SORTS)}.')
-        if not 1 <= query.limit <= 500 or query.offset < 0:
-            raise NodeError("bad_page", 'Argument "limit" must be 1..500 and "offset" >= 0.')
+        _check_page(query.limit, query.offset)
+        for name in ("rows", "columns", "number_of_frames_min"):
+            value = getattr(query, name)
+            if value is not None and not -SQL_INT_MAX <= value <= SQL_INT_MAX:
+                raise NodeError(
+                    "bad_filter", f'Argument "{name}" must be from {-SQL_INT_MAX} to {SQL_INT_MAX}.'
+                )
         conditions = _conditions(query)
         order = SORTS[query.sort]
         ordering = (
@@ -566,8 +582,7 @@ class NodeIndex:
             )
 
     def quarantine(self, limit: int = 50, offset: int = 0) -> QuarantinePage:
-        if not 1 <= limit <= 500 or offset < 0:
-            raise NodeError("bad_page", 'Argument "limit" must be 1..500 and "offset" >= 0.')
+        _check_page(limit, offset)
         with self.db.read() as session:
             total = session.scalar(select(func.count()).select_from(QuarantineEntry)) or 0
             entries = session.scalars(

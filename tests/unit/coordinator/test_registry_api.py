@@ -89,6 +89,7 @@ def test_search_takes_repeated_labels_and_dates(api: Api) -> None:
         ({"date_from": "2021-01-02", "date_to": "2021-01-01"}, "invalid_filter"),
         ({"limit": "501"}, "invalid_request"),
         ({"sort": "size"}, "invalid_request"),
+        ({"offset": str(10**30)}, "invalid_argument"),  # was a 500 (found by the API fuzz)
     ],
 )
 def test_bad_search_parameters_are_422(api: Api, params: dict[str, str], code: str) -> None:
@@ -162,3 +163,55 @@ def test_operators_cut_releases_and_readers_see_them(api: Api) -> None:
     assert [r["name"] for r in listed.json()] == ["r1", "r2"]
     assert shown.json()["filters"]["modality"] == "CT"
     assert diff.json()["added"] == cr and diff.json()["removed"] == ct
+
+
+# -- found by the API fuzz tests (tests/integration/test_api_fuzz.py) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("caller", "status", "code"),
+    [
+        ("nobody", 401, "unauthorized"),
+        ("researcher", 403, "forbidden"),
+        ("operator", 422, "invalid_request"),
+    ],
+)
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe\x00"], ids=["not-json", "not-utf8"])
+def test_a_body_that_cannot_be_read_is_answered_after_the_caller_is_checked(
+    api: Api, caller: str, status: int, code: str, body: bytes
+) -> None:
+    # Prepare: FastAPI parses a body before it resolves dependencies (the caller check).
+    headers = {"Content-Type": "application/json"}
+    if caller != "nobody":
+        headers.update(api.operator if caller == "operator" else api.researcher)
+
+    # Execute
+    answer = api.client.post("/api/v1/releases", content=body, headers=headers)
+
+    # Assert
+    assert answer.status_code == status, answer.text
+    assert answer.json()["code"] == code
+    if code == "invalid_request":
+        assert answer.json()["message"].startswith('Argument "body"')
+
+
+def test_the_openapi_document_declares_every_error_as_an_error_body(api: Api) -> None:
+    spec = api.client.get("/api/v1/openapi.json").json()
+    bodies = {"#/components/schemas/ErrorBody", "#/components/schemas/Rejection"}
+
+    undeclared = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if int(status) < 400:
+                    continue
+                content = response.get("content", {})
+                ref = content.get("application/json", {}).get("schema", {}).get("$ref")
+                if set(content) != {"application/json"} or ref not in bodies:
+                    undeclared.append(f"{method} {path} {status}: {content}")
+            guarded = path.startswith("/api/v1/") and not path.startswith("/api/v1/enroll")
+            if guarded and not {"401", "403"} <= set(operation["responses"]):
+                undeclared.append(f"{method} {path}: no 401/403")
+
+    assert not undeclared
+    assert "HTTPValidationError" not in spec["components"]["schemas"]

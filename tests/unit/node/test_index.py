@@ -113,6 +113,27 @@ def test_bad_search_arguments_are_named(index: NodeIndex) -> None:
         index.search(StudyQuery(limit=0))
 
 
+@pytest.mark.parametrize(
+    ("query", "argument"),
+    [
+        (StudyQuery(rows=2**108), '"rows"'),
+        (StudyQuery(columns=-(2**64)), '"columns"'),
+        (StudyQuery(number_of_frames_min=2**63), '"number_of_frames_min"'),
+        (StudyQuery(offset=2**76), '"offset"'),
+    ],
+)
+def test_integers_sqlite_cannot_bind_are_named_not_crashed_on(
+    index: NodeIndex, query: StudyQuery, argument: str
+) -> None:
+    # Found by the API fuzz tests: these were an OverflowError (a 500) in the node API.
+    with pytest.raises(NodeError, match=argument) as caught:
+        index.search(query)
+    with pytest.raises(NodeError, match='"offset"'):
+        index.quarantine(offset=2**80)
+
+    assert caught.value.code in ("bad_filter", "bad_page")
+
+
 def test_transitions_follow_the_lifecycle(index: NodeIndex) -> None:
     uid = index.search(StudyQuery(limit=1)).items[0].study_instance_uid
 

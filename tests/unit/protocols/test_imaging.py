@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from protocols.imaging import ImageError, load_image
+from protocols.imaging import ImageError, display_image, load_image
 
 
 def write_image(
@@ -195,3 +195,21 @@ def test_a_bad_size_names_the_argument(tmp_path: Path, size: object) -> None:
 
     with pytest.raises(ValueError, match='"size"'):
         load_image(path, size)  # type: ignore[arg-type]
+
+
+def test_display_image_is_the_pipeline_before_resizing(tmp_path: Path) -> None:
+    # Prepare: a square image (load_image keeps its size) and a wide one, rescaled and windowed.
+    elements = {"RescaleSlope": 2, "RescaleIntercept": -1000, **window(0, 1000)}
+    square = write_image(tmp_path / "a.dcm", ramp(8, 8), **elements)
+    wide = write_image(tmp_path / "b.dcm", ramp(8, 12), **elements)
+
+    # Execute
+    shown = display_image(dcmread(square))
+    loaded = load_image(square, 8, standardize=False)
+    wide_shown = display_image(dcmread(wide))
+
+    # Assert
+    assert np.allclose(shown, loaded)
+    assert wide_shown.shape == (8, 12) and wide_shown.min() == 0.0 and wide_shown.max() == 1.0
+    with pytest.raises(ImageError, match="monochrome"):
+        display_image(dcmread(write_image(tmp_path / "c.dcm", ramp(), "RGB")), "c")
