@@ -21,7 +21,6 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+# Re-exported: where the enrollment files are, for the callers that also talk HTTPS.
+from node.enrollment import FederationFiles as FederationFiles
+from node.enrollment import enrolled as enrolled
+from node.enrollment import files as files
+from node.enrollment import site_name as site_name
 from node.errors import NodeError
 from node.settings import NodeSettings
 from protocols.api.coordinator import EnrollRequest, EnrollResponse, Heartbeat
@@ -40,36 +44,6 @@ from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.node.federation")
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-
-
-@dataclass(frozen=True)
-class FederationFiles:
-    root: Path
-
-    @property
-    def key(self) -> Path:
-        return self.root / "node.key"
-
-    @property
-    def cert(self) -> Path:
-        return self.root / "node.crt"
-
-    @property
-    def ca(self) -> Path:
-        return self.root / "ca.crt"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "coordinator.json"
-
-    @property
-    def supernode_key(self) -> Path:
-        """The node key in OpenSSH form, for Flower SuperNode authentication."""
-        return self.root / "supernode.key"
-
-
-def files(settings: NodeSettings) -> FederationFiles:
-    return FederationFiles(settings.keys_dir / "federation")
 
 
 def _ca_fingerprint(token: str) -> str:
@@ -202,18 +176,6 @@ def superlink_address(settings: NodeSettings) -> str | None:
         return None
     value = json.loads(where.config.read_text(encoding="utf-8")).get("superlink")
     return str(value) if value else None
-
-
-def site_name(settings: NodeSettings) -> str | None:
-    where = files(settings)
-    if not where.config.exists():
-        return None
-    return str(json.loads(where.config.read_text(encoding="utf-8")).get("site") or "") or None
-
-
-def enrolled(settings: NodeSettings) -> bool:
-    where = files(settings)
-    return all(p.exists() for p in (where.key, where.cert, where.ca, where.config))
 
 
 class CoordinatorClient:

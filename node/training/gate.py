@@ -33,7 +33,7 @@ from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from node import federation
+from node import enrollment
 from node.errors import NodeError
 from node.index.db import Database
 from node.settings import NodeSettings, load_settings
@@ -51,6 +51,8 @@ log = logging.getLogger("radfed.node.training")
 
 
 def _release_studies(settings_home: Path, release: str) -> frozenset[str]:
+    from node import federation  # HTTPS to the coordinator: only when a run names a release
+
     settings = load_settings(settings_home)
     with federation.CoordinatorClient(settings) as client:
         answer = client.request("GET", f"/api/v1/node/releases/{release}/studies")
@@ -86,7 +88,7 @@ def admission(
         db,
         settings.training_dir,
         policy,
-        federation.site_name(settings) or settings.site_id,
+        enrollment.site_name(settings) or settings.site_id,
         str(config.get("radfed-run", "")),
         str(run_id),
         fab_hash,
@@ -148,7 +150,7 @@ def run_gated(
         else:
             context.node_config[NODE_CONFIG_MANIFEST] = str(decision.manifest)
             context.node_config[NODE_CONFIG_SITE] = (
-                federation.site_name(settings) or settings.site_id
+                enrollment.site_name(settings) or settings.site_id
             )
             install_from_fab(fab.content, skip_prompt=True)
             load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
