@@ -56,7 +56,7 @@ typecheck: install
 # Two workers, one module per worker at a time (module fixtures start real services).
 PYTEST_WORKERS ?= 2
 unit: install system-deps services
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 audit: install
 	$(BIN)/python tools/audit.py

@@ -307,22 +307,28 @@ def main() -> None:
 
     def median(values: list[float]) -> float:
         ordered = sorted(values)
-        return ordered[len(ordered) // 2]
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return (ordered[middle - 1] + ordered[middle]) / 2
 
     print(
         f"Training run wall time: 2 sites x {args.samples} radiographs, {args.rounds} rounds, "
         f"apps/cxr (32x32, 4 local epochs), {args.repeat} alternating rounds of the three\n"
     )
-    print(f"{'':<44} {'runs (s)':<24} {'median s':>9} {'x bare':>7}")
+    print(f"{'':<44} {'runs (s)':<24} {'median s':>9} {'x bare':>7} {'best s':>7} {'x bare':>7}")
     base = median(times["bare"])
+    best = min(times["bare"])
     for key, label in (
         ("radfed", "RadFed: submit -> model registered"),
         ("gated", "RadFed, SuperNodes without the appliance"),
         ("bare", "bare Flower: flwr run --stream"),
     ):
         runs = ", ".join(f"{t:.1f}" for t in times[key])
+        fastest = min(times[key])
         print(
             f"{label:<44} {runs:<24} {median(times[key]):>9.1f} {median(times[key]) / base:>7.2f}"
+            f" {fastest:>7.1f} {fastest / best:>7.2f}"
         )
 
 

@@ -1,13 +1,17 @@
-"""Run order for the whole suite: the longest modules first.
+"""Run order for the whole suite on pytest-xdist workers: the longest modules first.
 
-``make test`` runs the suite on two pytest-xdist workers, one module at a time
-per worker (``--dist loadfile``), taking modules in collection order. The few
-modules that take minutes (they start real coordinators, nodes and Flower
-processes and wait on them) go first, so neither worker is left with one of
-them at the end while the other idles. Order within a module is unchanged.
+``make test`` runs the suite on two workers, one module at a time per worker
+(``--dist loadfile``). xdist hands out modules by their number of tests, most
+first, which would leave the few modules that take minutes with few tests (they
+start real coordinators, nodes and Flower processes and wait on them) for the
+end, with one worker idle while the other finishes them. This scheduler hands
+those out first. Order within a module is unchanged; a plain ``pytest`` run
+(no workers) is not affected.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -26,9 +30,15 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadFileScheduling
 
-    items.sort(key=rank)  # stable: the rest keep their order
+    class LongestFirst(LoadFileScheduling):  # type: ignore[misc]
+        def _assign_work_unit(self, node: Any) -> None:
+            for scope in reversed(LONGEST_FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)

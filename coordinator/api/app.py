@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -255,8 +255,15 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
 
     @app.get(
         "/metrics",
-        response_class=PlainTextResponse,
-        responses=errors(),
+        # errors are JSON: the text/plain media type is declared for the metrics alone
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            },
+            **errors(),
+        },
         summary="Prometheus metrics (an operator token: the coordinator faces the internet)",
     )
     def prometheus(_: Operator) -> Response:

@@ -373,26 +373,33 @@ def inflate(data: bytes | memoryview, limit: int) -> memoryview:
     bytes of memory at most, not what it claims.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = bytearray()
+    # Chunks joined once at the end: a growing buffer can need a second copy of itself
+    # each time it is moved, which a bomb would make cost several times the limit.
+    chunks: list[bytes] = []
+    total = 0
     pending: bytes | memoryview = data
     try:
         while pending:
-            out += inflater.decompress(pending, INFLATE_CHUNK)
-            if len(out) > limit:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            total += len(chunk)
+            if total > limit:
                 raise DicomFormatError(
                     "too_large", f"deflated data set inflates to more than {limit >> 20} MiB"
                 )
+            chunks.append(chunk)
             pending = inflater.unconsumed_tail
-        out += inflater.flush()
+        tail = inflater.flush()
+        total += len(tail)
+        chunks.append(tail)
     except zlib.error as exc:
         raise DicomFormatError("malformed", f"deflated data set does not inflate: {exc}") from exc
     if not inflater.eof:
         raise DicomFormatError("truncated", "deflated data set cut short")
-    if len(out) > limit:
+    if total > limit:
         raise DicomFormatError(
             "too_large", f"deflated data set inflates to more than {limit >> 20} MiB"
         )
-    return memoryview(out)
+    return memoryview(b"".join(chunks))
 
 
 def _without_meta(buf: bytes | memoryview, pos: int) -> Part10:

@@ -90,13 +90,18 @@ def demo(
 
 
 def _wait_for_interrupt() -> None:
-    """Block until SIGINT or SIGTERM."""
+    """Block until SIGINT (Ctrl-C) or SIGTERM.
+
+    Both handlers are set here: a process started with SIGINT ignored (by a
+    supervisor, a CI runner, ``nohup``) would otherwise never see Ctrl-C.
+    """
     done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    previous = {
+        sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         while not done.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -27,6 +27,11 @@ def cli(
 ) -> CliRunner:
     monkeypatch.setenv("RADFED_COORDINATOR_DATABASE_URL", registry_url)
     register(db, SPECS, FilesystemStore(settings.objects_dir))
+    # Rich reads COLUMNS once, when the CLI module's console is made: whichever test
+    # imported the module first decided it. Wide enough for whole UIDs, whatever the order.
+    from coordinator import cli as module
+
+    monkeypatch.setattr(module.out, "width", 250)
     return CliRunner(env={"COLUMNS": "250"})
 
 
