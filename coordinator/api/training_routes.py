@@ -107,22 +107,7 @@ def mount_training(
     )
     def run_model(run_id: str, _: Reader) -> StreamingResponse:
         """The final model (safetensors); its SHA-256 in ``X-Model-Sha256``."""
-        sha, size, _provenance = training.model(db, run_id)
-
-        def chunks() -> Iterator[bytes]:
-            with store.open(sha) as handle:
-                while chunk := handle.read(1 << 20):
-                    yield chunk
-
-        return StreamingResponse(
-            chunks(),
-            media_type="application/octet-stream",
-            headers={
-                "X-Model-Sha256": sha,
-                "Content-Length": str(size),
-                "Content-Disposition": f'attachment; filename="{run_id}.safetensors"',
-            },
-        )
+        return model_download(db, store, run_id)
 
     @app.get(
         "/api/v1/runs/{run_id}/provenance", response_model=Provenance, responses=errors(404, 422)
@@ -138,3 +123,24 @@ def mount_training(
     def release_studies(name: str, node: Node) -> list[str]:
         """The study UIDs of this node's site in a release."""
         return training.release_studies(db, name, node.site_id)
+
+
+def model_download(db: Database, store: ObjectStore, run_id: str) -> StreamingResponse:
+    """A run's final model streamed from the object store, its SHA-256 in ``X-Model-Sha256``
+    (the API and the web UI serve it the same way)."""
+    sha, size, _provenance = training.model(db, run_id)
+
+    def chunks() -> Iterator[bytes]:
+        with store.open(sha) as handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={
+            "X-Model-Sha256": sha,
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{run_id}.safetensors"',
+        },
+    )

@@ -6,13 +6,12 @@ Reads ``coordinator.training`` as the API does (operators and researchers alike)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from markupsafe import Markup
 
 from coordinator import training
+from coordinator.api.training_routes import model_download
 from coordinator.web import views
 from coordinator.web.plots import line_chart
 from coordinator.web.ui import Reader, UiContext
@@ -51,22 +50,7 @@ def run_page(request: Request, run_id: str, ui: UiContext, user: Reader) -> HTML
 @router.get("/runs/{run_id}/model.safetensors")
 def run_model(run_id: str, ui: UiContext, _: Reader) -> StreamingResponse:
     """The final model; its SHA-256 in ``X-Model-Sha256`` (as the API serves it)."""
-    sha, size, _provenance = training.model(ui.db, run_id)
-
-    def chunks() -> Iterator[bytes]:
-        with ui.store.open(sha) as handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={
-            "X-Model-Sha256": sha,
-            "Content-Length": str(size),
-            "Content-Disposition": f'attachment; filename="{run_id}.safetensors"',
-        },
-    )
+    return model_download(ui.db, ui.store, run_id)
 
 
 @router.get("/runs/{run_id}/provenance.json")
