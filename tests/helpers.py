@@ -22,6 +22,17 @@ import pydicom
 from pydicom.dataset import Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Debian's Chromium, driven by Playwright in the browser tests (never a downloaded one).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 RADFED = [sys.executable, "-m", "radfed.cli"]
 
 

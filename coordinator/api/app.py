@@ -20,7 +20,6 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +31,7 @@ from coordinator.metrics import CoordinatorMetrics, RequestMetrics
 from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import peer_certificate
+from protocols.api.callers import pending_caller_checks
 from protocols.api.coordinator import (
     EnrollRequest,
     EnrollResponse,
@@ -169,17 +169,9 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 async def _authenticate_first(request: Request, checks: tuple[Callable[..., Any], ...]) -> None:
-    """Check the caller of a request that failed before its route's dependencies ran.
-
-    FastAPI parses a JSON body before it resolves dependencies: without this, a
-    body that is not JSON would be answered (422) before the caller was checked.
-    """
-    route = request.scope.get("route")
-    if getattr(request.state, "caller_checked", False) or not isinstance(route, APIRoute):
-        return
-    for dependency in route.dependant.dependencies:
-        if dependency.call in checks:
-            await run_in_threadpool(dependency.call, request)
+    """Check the caller of a request that failed before its route's dependencies ran."""
+    for check in pending_caller_checks(request, checks):
+        await run_in_threadpool(check, request)
 
 
 #: The validation error of a request body that could not be read at all.

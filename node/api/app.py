@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +29,7 @@ from node.index.store import NodeIndex, StudyQuery
 from node.metrics import NodeMetrics
 from node.vetting import review
 from node.vetting.policy import VettingPolicy
+from protocols.api.callers import pending_caller_checks
 from protocols.api.errors import (
     ErrorBody,
     error_responses,
@@ -126,17 +126,9 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 async def _authenticate_first(request: Request) -> None:
-    """Check the caller of a request that failed before its route's dependencies ran.
-
-    FastAPI parses a JSON body before it resolves dependencies: without this, a
-    body that is not JSON would be answered (422) before the caller was checked.
-    """
-    route = request.scope.get("route")
-    if getattr(request.state, "caller_checked", False) or not isinstance(route, APIRoute):
-        return
-    for dependency in route.dependant.dependencies:
-        if dependency.call in (require_operator, require_reviewer):
-            await run_in_threadpool(dependency.call, request, await bearer(request))
+    """Check the caller of a request that failed before its route's dependencies ran."""
+    for check in pending_caller_checks(request, (require_operator, require_reviewer)):
+        await run_in_threadpool(check, request, await bearer(request))
 
 
 def create_app(

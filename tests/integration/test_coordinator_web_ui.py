@@ -53,11 +53,10 @@ from protocols.training import RoundRecord, RunPhase, RunState
 from protocols.version import SOFTWARE_VERSION
 from radfed.synth.labels import write_label_corpus
 from radfed.synth.site import write_site_corpus
-from tests.helpers import ROOT, CoordinatorProcess, run_cli
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, CoordinatorProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "coordinator-ui"
 RUN = "run-0001"
 ROUNDS = 3
@@ -257,15 +256,7 @@ def browser(setup: Setup) -> Iterator[Any]:
     with sync_playwright() as pw:
         launched = pw.chromium.launch(
             executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=CHROMIUM_ARGS,
         )
         yield launched
         launched.close()

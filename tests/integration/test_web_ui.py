@@ -16,11 +16,10 @@ import pydicom
 import pytest
 
 from radfed.synth.site import write_site_corpus
-from tests.helpers import ROOT, NodeProcess, run_cli
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, NodeProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "web-ui"
 PASSWORD = "correct horse battery"
 
@@ -72,15 +71,7 @@ def test_a_reviewer_masks_and_approves_a_held_study(node: NodeProcess) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=CHROMIUM_ARGS,
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.on(
