@@ -11,7 +11,8 @@ since (their objects are kept; each release view lists them).
 
 An export is the tree ``<pseudonym>/<study uid>/<series uid>/<sop uid>.dcm``
 with ``labels.csv``, ``clinical.csv`` (no identifiers beyond the pseudonym and
-the de-identified study UID) and ``manifest.json``. Every file's sha256 is
+the de-identified study UID; a value a spreadsheet would run as a formula gets a
+leading ``'``) and ``manifest.json``. Every file's sha256 is
 checked as it is copied, into a temporary folder beside the destination that
 is renamed into place only when complete: a failed export leaves nothing behind.
 
@@ -354,9 +355,29 @@ def _copy_verified(store: ObjectStore, file: ReleaseFile, path: Path) -> None:
         )
 
 
+#: A cell a spreadsheet would evaluate: a formula (``=``, ``+``, ``-``, ``@``) or one
+#: that starts with a tab or carriage return (which some spreadsheets strip first).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell`` as text a spreadsheet will not run (OWASP's CSV injection advice).
+
+    Label and clinical values come from the sites; one like ``=HYPERLINK(...)``
+    would be a formula in the researcher's spreadsheet. Such a cell gets a
+    leading ``'``; numbers (``-1.5``, ``+3e2``) are left as they are. The release
+    manifest keeps every value unchanged.
+    """
+    if cell.startswith(_FORMULA_START) and _NUMBER.fullmatch(cell) is None:
+        return "'" + cell
+    return cell
+
+
 def _csv(rows: list[list[str]]) -> bytes:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
     return buffer.getvalue().encode("utf-8")
 
 

