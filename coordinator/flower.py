@@ -1,8 +1,10 @@
 """The coordinator's Flower SuperLink and the ``flwr`` CLI that talks to it.
 
 ``serve`` supervises ``flower-superlink``: TLS with the federation's server
-certificate, SuperNode authentication on, state in ``<home>/flower/state.db``,
-runtime dependency installation, the update check and telemetry off. The SuperLink
+certificate (TLS 1.2+, ECDHE + AEAD only: it is started through
+``coordinator.tlsrun``), SuperNode authentication on, state in
+``<home>/flower/state.db``, runtime dependency installation, the update check and
+telemetry off. The SuperLink
 serves its Fleet, Control and Runtime APIs on one port (loopback by default; only
 ``/v1/fleet/`` is meant for nodes). ``FlowerCli`` runs ``flwr`` commands against it
 with ``FLWR_HOME`` set to ``<home>/flower``, whose ``config.toml`` names the
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from coordinator.registry.db import Database
 from coordinator.registry.models import NodeCertificate, Site
 from coordinator.settings import CoordinatorSettings
 from protocols.process import Supervised, tool, tool_path
+from protocols.storage import private_dir, write_private
 
 log = logging.getLogger("radfed.coordinator.flower")
 CONNECTION = "radfed"
@@ -59,7 +63,7 @@ def flower_env(home: Path) -> dict[str, str]:
 def write_connection(settings: CoordinatorSettings) -> None:
     """``<home>/flower/config.toml``: the ``radfed`` connection to our SuperLink."""
     home = settings.flower_dir.resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     ca = pki.Paths(settings.pki_dir).ca_cert.resolve()
     host = "127.0.0.1" if settings.superlink_host in ("0.0.0.0", "::") else settings.superlink_host  # noqa: S104
     text = (
@@ -70,7 +74,7 @@ def write_connection(settings: CoordinatorSettings) -> None:
         f'address = "{host}:{settings.superlink_port}"\n'
         f"root-certificates = {json.dumps(str(ca))}\n"
     )
-    (home / "config.toml").write_text(text, encoding="utf-8")
+    write_private(home / "config.toml", text.encode("utf-8"), 0o600)
 
 
 def superlink(settings: CoordinatorSettings) -> Supervised:
@@ -78,7 +82,15 @@ def superlink(settings: CoordinatorSettings) -> Supervised:
     paths = pki.Paths(settings.pki_dir.resolve())
     home = settings.flower_dir.resolve()
     write_connection(settings)
+    # The SuperLink's state (runs, messages, node keys) is created by SQLite with the
+    # umask's mode: made 0600 first, its -wal and -shm files follow it.
+    (home / "state.db").touch(mode=0o600, exist_ok=True)
+    (home / "state.db").chmod(0o600)
     argv = [
+        # Through coordinator.tlsrun: the SuperLink's uvicorn gets protocols.tlsconfig's TLS.
+        sys.executable,
+        "-m",
+        "coordinator.tlsrun",
         tool("flower-superlink"),
         "--host",
         settings.superlink_host,

@@ -4,8 +4,12 @@ A node request must carry a ``RadFed-Node`` token (``protocols.nodeauth``)
 signed with the key of a certificate the federation CA issued to that site and
 not revoked; when the coordinator terminates TLS itself the same certificate
 must also have been presented in the TLS handshake. A token is accepted once:
-its nonce is remembered until it expires. Revocation is read from the registry
-on every request, so a revoked site is refused from its next request on.
+its nonce is remembered until it expires. The nonces are this process's own, so a
+token made before the process started is refused (``node_token_stale``,
+retryable: the node makes a new one): one spent with the coordinator that ran
+before a restart cannot be spent again with this one. Revocation is read from
+the registry on every request, so a revoked site is refused from its next
+request on.
 """
 
 from __future__ import annotations
@@ -35,24 +39,36 @@ class NodeIdentity:
 
 
 class NonceCache:
-    """Nonces seen, until their tokens expire (bounded)."""
+    """Nonces seen, until their tokens expire (bounded), and the oldest token still taken.
 
-    def __init__(self, limit: int = 200_000) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
+    Tokens issued before ``floor`` (whole seconds) are not taken: their nonces may
+    have been spent where this cache cannot see — before this process started, or
+    in an entry forced out of a full cache (the floor then rises past it).
+    """
+
+    def __init__(self, limit: int = 200_000, started_at: float | None = None) -> None:
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._limit = limit
+        self.floor = int(time.time() if started_at is None else started_at)
 
-    def first_use(self, nonce: str, expires_at: float) -> bool:
+    def stale(self, issued_at: int) -> bool:
+        """Whether a token issued at ``issued_at`` may have been used out of this cache's sight."""
+        return issued_at < self.floor
+
+    def first_use(self, nonce: str, expires_at: float, issued_at: int | None = None) -> bool:
         now = time.time()
         with self._lock:
             while self._seen:
-                expiry = next(iter(self._seen.values()))
+                expiry, issued = next(iter(self._seen.values()))
                 if expiry >= now and len(self._seen) < self._limit:
                     break
                 self._seen.popitem(last=False)
+                if expiry >= now:  # forced out while it could still be replayed
+                    self.floor = max(self.floor, issued + 1)
             if nonce in self._seen:
                 return False
-            self._seen[nonce] = expires_at
+            self._seen[nonce] = (expires_at, int(now) if issued_at is None else issued_at)
             return True
 
 
@@ -113,6 +129,13 @@ def authenticate_node(
         verified = verify_token(header, public_key, method, path, max_age_s)
     except NodeAuthError as exc:
         raise CoordinatorError("unauthorized", exc.message) from exc
-    if not nonces.first_use(verified.nonce, verified.expires_at):
+    if nonces.stale(verified.issued_at):
+        raise CoordinatorError(
+            "node_token_stale",
+            "the node token was made before the coordinator last started (or is older than "
+            "the tokens it still remembers); send the request again with a new one",
+            retryable=True,
+        )
+    if not nonces.first_use(verified.nonce, verified.expires_at, verified.issued_at):
         raise CoordinatorError("unauthorized", "this node token was used already (replay)")
     return NodeIdentity(site_name, site_id, claims.fingerprint)

@@ -28,6 +28,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import secrets
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -38,7 +39,7 @@ from typing import Any
 import pydicom
 from cryptography import x509
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator import audit
@@ -78,6 +79,8 @@ from protocols.sqltypes import utcnow
 
 log = logging.getLogger("radfed.coordinator.intake")
 
+#: A pseudonym names a folder of every release export (``coordinator.releases``).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The most one chunk may carry.
 MAX_CHUNK = 64 * 1024 * 1024
 #: How long an open upload keeps its partial files.
@@ -133,6 +136,10 @@ class Intake:
                     raise CoordinatorError(
                         "exam_conflict", f"study {study_uid} was contributed by another site"
                     )
+                if exam.withdrawn_at is not None:
+                    # A manifest sent again (or replayed) after the site took the exam back
+                    # does not bring it back, nor gets a receipt as if it had.
+                    raise _withdrawn(study_uid)
                 if exam.manifest_sha256 != digest and not _same_exam(exam.manifest, manifest):
                     raise CoordinatorError(
                         "exam_conflict",
@@ -175,6 +182,7 @@ class Intake:
                 outcome = Rejection.model_validate_json(refused.outcome or "{}")
                 if not outcome.retryable and outcome.code != "superseded":
                     return self._public(session, refused)
+            self._within_quota(session, node, manifest, current.id if current else None)
             if current is not None:
                 self._closed(current.public_id)
                 current.status = UploadStatus.REJECTED.value
@@ -217,6 +225,45 @@ class Intake:
             session.flush()
             return self._public(session, upload)
 
+    def _within_quota(
+        self, session: Session, node: NodeIdentity, manifest: ExamManifest, replacing: int | None
+    ) -> None:
+        """Refuse a new upload past the site's open uploads or the bytes they may declare."""
+        most = int(self.settings.max_open_upload_gib_per_site * 2**30)
+        if manifest.total_size > most:
+            raise CoordinatorError(
+                "upload_too_large",
+                f"the exam's files add up to {manifest.total_size} bytes; a site's open "
+                f"uploads may declare {most} bytes at most (max_open_upload_gib_per_site)",
+            )
+        others = [Upload.site_id == node.site_id, Upload.status.in_(OPEN_STATES)]
+        if replacing is not None:
+            others.append(Upload.id != replacing)
+        count = session.scalar(select(func.count()).select_from(Upload).where(*others)) or 0
+        if count >= self.settings.max_open_uploads_per_site:
+            raise CoordinatorError(
+                "too_many_open_uploads",
+                f"site {node.site} has {count} uploads open, the most it may "
+                "(max_open_uploads_per_site); complete them or let them expire, then retry",
+                retryable=True,
+            )
+        declared = (
+            session.scalar(
+                select(func.coalesce(func.sum(UploadFile.size), 0))
+                .join(Upload, Upload.id == UploadFile.upload_id)
+                .where(*others)
+            )
+            or 0
+        )
+        if declared + manifest.total_size > most:
+            raise CoordinatorError(
+                "too_many_open_uploads",
+                f"site {node.site}'s open uploads declare {declared} bytes; this exam's "
+                f"{manifest.total_size} more would pass {most} (max_open_upload_gib_per_site); "
+                "retry once they are done",
+                retryable=True,
+            )
+
     def _verified(self, node: NodeIdentity, signed: SignedManifest) -> ExamManifest:
         if signed.signer_fingerprint != node.fingerprint:
             raise CoordinatorError(
@@ -236,6 +283,14 @@ class Intake:
         if manifest.site != node.site:
             raise CoordinatorError(
                 "site_mismatch", f"the manifest names site {manifest.site}, not {node.site}"
+            )
+        if SAFE_NAME.fullmatch(manifest.exam.pseudonym) is None:
+            # It names the exam's folder in every release export: nothing that could
+            # climb out of it (and no exam that would make every release fail).
+            raise CoordinatorError(
+                "invalid_manifest",
+                'the exam\'s pseudonym must be 1-64 letters, digits, ".", "_" and "-", '
+                "starting with a letter or digit",
             )
         return manifest
 
@@ -362,6 +417,11 @@ class Intake:
         with self.db.read() as session:
             upload = self._upload(session, node, upload_id)
             if upload.status == UploadStatus.REGISTERED.value:
+                withdrawn = session.scalar(
+                    select(Exam.withdrawn_at).where(Exam.study_uid == upload.study_uid)
+                )
+                if withdrawn is not None:
+                    raise _withdrawn(upload.study_uid)
                 return self._receipt(session, upload, duplicate=True)
             if upload.status not in OPEN_STATES:
                 return Rejection.model_validate_json(upload.outcome or "{}")
@@ -652,8 +712,29 @@ class Intake:
                     session, "intake", "upload.expire", upload.study_uid, upload=upload.public_id
                 )
             names = [u.public_id for u in stale]
+            held = set(
+                session.scalars(
+                    select(UploadFile.sha256).where(UploadFile.upload_id.in_([u.id for u in stale]))
+                ).all()
+            )
+            # Objects only these uploads brought go with them: a site cannot fill the
+            # store with files of exams it never completes (registered ones, and
+            # uploads still open, keep theirs).
+            kept = set(
+                session.scalars(
+                    select(ExamInstance.sha256).where(ExamInstance.sha256.in_(held))
+                ).all()
+            ) | set(
+                session.scalars(
+                    select(UploadFile.sha256)
+                    .join(Upload, Upload.id == UploadFile.upload_id)
+                    .where(UploadFile.sha256.in_(held), Upload.status.in_(OPEN_STATES))
+                ).all()
+            )
         for name in names:
             _remove_dir(self.settings.uploads_dir / name)
+        for sha256 in sorted(held - kept):
+            self.store.delete(sha256)
         self.forget()
         return len(names)
 
@@ -843,6 +924,13 @@ def _remove_dir(path: Path) -> None:
     for child in path.iterdir():
         child.unlink(missing_ok=True)
     path.rmdir()
+
+
+def _withdrawn(study_uid: str) -> CoordinatorError:
+    return CoordinatorError(
+        "exam_withdrawn",
+        f"study {study_uid} was withdrawn by its site; a withdrawn exam is not taken again",
+    )
 
 
 def _rejection_json(code: str, message: str, retryable: bool) -> str:

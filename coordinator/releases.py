@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
@@ -67,6 +68,7 @@ from protocols.api.coordinator import (
     ReleasePublic,
 )
 from protocols.sqltypes import utcnow
+from protocols.storage import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ LABELS_CSV = "labels.csv"
 CLINICAL_CSV = "clinical.csv"
 MANIFEST_JSON = "manifest.json"
 DIR_MODE = 0o750
+#: Export files: the owner's group may read them (to publish), nobody else may change them.
+FILE_MODE = 0o640
 
 
 def _check_name(name: str) -> None:
@@ -304,7 +308,7 @@ def _staged(target: Path | None) -> Iterator[Path | None]:
         yield None
         return
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent, DIR_MODE)
         staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as exc:
         raise CoordinatorError(
@@ -329,8 +333,13 @@ def _publish(staged: Path, target: Path) -> None:
         ) from exc
 
 
+def _create(path: Path) -> BinaryIO:
+    """A new file of the export, never writable by others whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
+
+
 def _copy_verified(store: ObjectStore, file: ReleaseFile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, DIR_MODE)
     sha = hashlib.sha256()
     size = 0
     try:
@@ -342,7 +351,7 @@ def _copy_verified(store: ObjectStore, file: ReleaseFile, path: Path) -> None:
             "release_object_missing",
             f"{file.path}: the object store holds no object {file.sha256}; nothing was exported",
         ) from exc
-    with source, path.open("xb") as out:
+    with source, _create(path) as out:
         while chunk := source.read(CHUNK_SIZE):
             sha.update(chunk)
             size += len(chunk)
@@ -405,9 +414,13 @@ def _write_tree(store: ObjectStore, manifest: ReleaseManifest, body: bytes, root
     for exam in manifest.exams:
         for file in exam.files:
             _copy_verified(store, file, root / file.path)
-    (root / LABELS_CSV).write_bytes(_csv(label_rows(manifest)))
-    (root / CLINICAL_CSV).write_bytes(_csv(clinical_rows(manifest)))
-    (root / MANIFEST_JSON).write_bytes(body)
+    for name, data in (
+        (LABELS_CSV, _csv(label_rows(manifest))),
+        (CLINICAL_CSV, _csv(clinical_rows(manifest))),
+        (MANIFEST_JSON, body),
+    ):
+        with _create(root / name) as out:
+            out.write(data)
 
 
 def _release(session: Session, name: str) -> Release:

@@ -1,6 +1,7 @@
 """``radfed coordinator serve``: the API over TLS and the Flower SuperLink, until SIGINT/SIGTERM.
 
-TLS is terminated here with the federation's server certificate; a client
+TLS is terminated here with the federation's server certificate, TLS 1.2 or
+newer with forward-secret AEAD suites only (``protocols.tlsconfig``); a client
 certificate is verified against the federation CA when one is presented
 (nodes present theirs; operators and researchers use API tokens). Behind a
 TLS-terminating proxy (``behind_proxy``) nodes are identified by their signed
@@ -35,6 +36,7 @@ from coordinator.tls import PeerCertProtocol
 from coordinator.training import RunWatcher
 from protocols.logs import configure_logging
 from protocols.process import Supervised
+from protocols.tlsconfig import server_context
 
 
 def _sweep(intake: Intake, stop: threading.Event) -> None:
@@ -137,11 +139,14 @@ def serve(settings: CoordinatorSettings) -> None:
             app,
             host=settings.api_host,
             port=settings.api_port,
-            ssl_keyfile=str(paths.server_key),
-            ssl_certfile=str(paths.server_cert),
-            ssl_ca_certs=str(paths.ca_cert),
-            ssl_cert_reqs=ssl.CERT_OPTIONAL,
+            # TLS 1.2+ with ECDHE + AEAD suites only (uvicorn's defaults allow CBC suites).
+            ssl_context_factory=lambda _config, _default: server_context(
+                paths.server_cert, paths.server_key, paths.ca_cert, ssl.CERT_OPTIONAL
+            ),
             http=PeerCertProtocol,
+            # The client address is the socket peer; X-Forwarded-For counts only from the
+            # ``trusted_proxies`` (uvicorn would otherwise believe any loopback peer's).
+            proxy_headers=False,
             log_config=None,
             access_log=False,
             lifespan="on",

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from protocols.bruteforce import LockoutPolicy, parse_networks
 
 if TYPE_CHECKING:
     from coordinator.objects import ObjectStore
@@ -50,6 +52,19 @@ class CoordinatorSettings(BaseSettings):
     #: Set when a TLS-terminating proxy sits in front: nodes are then identified by
     #: their signed request tokens alone (DESIGN: identity does not depend on TLS).
     behind_proxy: bool = False
+    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the client; from
+    #: anyone else the header is ignored and the socket peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    #: Failed authentications (a wrong API token, web sign-in, enrollment token or node
+    #: signature) one client address may make within ``auth_window_s`` ...
+    auth_max_failures: int = Field(default=10, ge=1)
+    auth_window_s: float = Field(default=300.0, gt=0)
+    #: ... before it is locked out for ``auth_lockout_s``, doubled at each further lockout
+    #: up to ``auth_max_lockout_s``; while locked out even right credentials are refused.
+    auth_lockout_s: float = Field(default=900.0, gt=0)
+    auth_max_lockout_s: float = Field(default=14400.0, gt=0)
+    #: Client addresses remembered at most (least recently seen forgotten first).
+    auth_tracked_clients: int = Field(default=10_000, ge=100)
     #: SQLAlchemy URL of the registry; default SQLite in the home.
     database_url: str | None = None
     #: Where exam files are kept: "fs" (``<home>/objects``) or "s3".
@@ -64,6 +79,19 @@ class CoordinatorSettings(BaseSettings):
     node_cert_days: int = Field(default=397, ge=1)
     #: How old a node's signed request token may be (clock skew included).
     node_token_max_age_s: int = Field(default=300, ge=10)
+    #: A request body may carry this many MiB at most (an upload's file chunk: 64 MiB);
+    #: a larger one is refused (413) before it is read. The API holds at most this
+    #: much per request in memory.
+    max_request_body_mib: float = Field(default=16.0, gt=0)
+    #: A request body that stops arriving for this long is cut off (408): a slow
+    #: sender cannot hold a connection open forever.
+    request_body_timeout_s: float = Field(default=60.0, gt=0)
+    #: Uploads one site may hold open at once (an upload closes when its exam is
+    #: registered, refused or expires) ...
+    max_open_uploads_per_site: int = Field(default=64, ge=1)
+    #: ... and the GiB their manifests may declare together: what a site can make the
+    #: coordinator keep for exams that are not registered yet.
+    max_open_upload_gib_per_site: float = Field(default=64.0, gt=0)
     #: A site not heard from in this long is "stale".
     stale_after_s: int = Field(default=900, ge=10)
     #: An uploaded exam with a PHI finding at or above this severity is quarantined.
@@ -86,6 +114,29 @@ class CoordinatorSettings(BaseSettings):
     central_eval_manifest: Path | None = None
     #: How often runs, SuperNode registrations and the SuperLink are checked (seconds).
     training_poll_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        parse_networks(value)  # a bad entry names itself
+        return value
+
+    @model_validator(mode="after")
+    def _lockouts(self) -> CoordinatorSettings:
+        if self.auth_max_lockout_s < self.auth_lockout_s:
+            raise ValueError("auth_max_lockout_s must be at least auth_lockout_s")
+        return self
+
+    @property
+    def lockout_policy(self) -> LockoutPolicy:
+        """When failed authentications lock a client out (``protocols.bruteforce``)."""
+        return LockoutPolicy(
+            max_failures=self.auth_max_failures,
+            window_s=self.auth_window_s,
+            lockout_s=self.auth_lockout_s,
+            max_lockout_s=self.auth_max_lockout_s,
+            max_clients=self.auth_tracked_clients,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -28,6 +28,11 @@ from coordinator.settings import CoordinatorSettings
 from protocols.sqltypes import utcnow
 
 TOKEN_PREFIX = "rfe1"  # noqa: S105 - a format tag, not a secret
+#: The refusals of an enrollment token itself (unknown, spent or expired): each counts
+#: as a failed authentication of the client that presented it (``coordinator.lockout``).
+TOKEN_REFUSALS = frozenset(
+    {"enrollment_token_invalid", "enrollment_token_used", "enrollment_token_expired"}
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

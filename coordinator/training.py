@@ -56,6 +56,7 @@ from protocols.api.training import (
     RunStatus,
 )
 from protocols.sqltypes import utcnow
+from protocols.storage import private_dir
 from protocols.training import (
     RUN_CHECKPOINTS_DIR,
     RUN_MODEL_FILE,
@@ -206,7 +207,7 @@ def submit(
             request=body.model_dump(mode="json"),
         )
         name, run_dir = run.name, Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)
     _start(db, cli, name, app_dir, run_config(settings, name, body, run_dir), who)
     return get(db, name)
 

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from node import federation
 from node.settings import NodeSettings
+from protocols.storage import private_dir
 from protocols.version import PROTOCOL_VERSION
 
 #: Node tokens live two minutes; a clock further off than this breaks them.
@@ -79,7 +80,7 @@ def run(settings: NodeSettings) -> list[Check]:
 
 
 def _disk(settings: NodeSettings) -> Check:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.home)
     usage = shutil.disk_usage(settings.home)
     free_gb = usage.free / 1024**3
     if usage.free < MIN_FREE_BYTES:

@@ -10,8 +10,12 @@ from __future__ import annotations
 class NodeError(Exception):
     """A failure the node reports: ``code`` is stable, ``message`` says what to do."""
 
-    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+    def __init__(
+        self, code: str, message: str, retryable: bool = False, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        #: Seconds before a retry can succeed (an HTTP ``Retry-After``), where that is known.
+        self.retry_after = retry_after

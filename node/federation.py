@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +38,8 @@ from node.errors import NodeError
 from node.settings import NodeSettings
 from protocols.api.coordinator import EnrollRequest, EnrollResponse, Heartbeat
 from protocols.nodeauth import make_token
-from protocols.storage import write_private
+from protocols.storage import private_dir, write_private
+from protocols.tlsconfig import client_context
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.node.federation")
@@ -67,8 +67,7 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
     """Join the federation at ``url`` with a one-time ``token``."""
     # The home holds the site key and the originals vault: only its owner may enter,
     # even when enrolling is the first thing done in it.
-    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    settings.keys_dir.mkdir(exist_ok=True, mode=0o700)
+    private_dir(settings.keys_dir)
     url = url.rstrip("/")
     expected = _ca_fingerprint(token)
     try:
@@ -97,7 +96,7 @@ def enroll(settings: NodeSettings, url: str, token: str) -> EnrollResponse:
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "radfed-node")]))
         .sign(key, hashes.SHA384())
     )
-    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context = client_context(cadata=ca_pem.decode("ascii"))
     request = EnrollRequest(
         token=token.strip(), csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
     )
@@ -194,8 +193,7 @@ class CoordinatorClient:
         self._key = key
         cert = x509.load_pem_x509_certificate(where.cert.read_bytes())
         self.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-        context = ssl.create_default_context(cafile=str(where.ca))
-        context.load_cert_chain(str(where.cert), str(where.key))
+        context = client_context(cafile=where.ca, certfile=where.cert, keyfile=where.key)
         # Outbound only; through the site's proxy when it has one (else HTTPS_PROXY applies).
         self._http = httpx.Client(
             base_url=self.url, verify=context, timeout=TIMEOUT, proxy=settings.proxy_url

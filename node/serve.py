@@ -20,17 +20,26 @@ import uvicorn
 from node import federation
 from node.api.app import create_app
 from node.intake.listener import DicomListener
+from node.lockout import auth_guard
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 from node.site import engine_config, open_index
 from node.vetting.policy import VettingPolicy
 from node.vetting.service import Vetter, render_png, reviewer_mask
 from node.web.routes import mount_web
+from protocols.api.bodylimit import BodyLimit
 from protocols.logs import configure_logging as configure_logging_as
 
 
 def configure_logging() -> None:
     configure_logging_as("pynetdicom", "alembic")
+
+
+#: The most a request body to the node's API or web UI may carry (its largest are a
+#: study's mask boxes and the policy form: a few KiB) ...
+MAX_BODY = 4 * 2**20
+#: ... and how long it may stop arriving before the request is cut off.
+BODY_TIMEOUT_S = 60.0
 
 
 def serve(settings: NodeSettings) -> None:
@@ -65,11 +74,14 @@ def serve(settings: NodeSettings) -> None:
             flower.start()
             log.info(json.dumps({"event": "supernode", "log": str(flower.log_path)}))
     log.info(json.dumps({"event": "listening", "dicom": f"{host}:{port}"}))
-    app = create_app(index, metrics, lambda: listener.running, listener.pending, policy)
+    guard = auth_guard(index, settings.lockout_policy, settings.trusted_proxies, metrics.registry)
+    app = create_app(index, metrics, lambda: listener.running, listener.pending, policy, guard)
     mount_web(app, index, settings, policy, reviewer_mask(index, settings), render_png)
     from node.api.training_routes import mount_training
 
     mount_training(app, index, settings)
+    # Outermost: a body too large or too slow is refused before anything reads it.
+    app.add_middleware(BodyLimit, limit=lambda _: MAX_BODY, idle_timeout_s=BODY_TIMEOUT_S)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -77,6 +89,9 @@ def serve(settings: NodeSettings) -> None:
             port=settings.api_port,
             log_config=None,
             access_log=False,
+            # The client address is the socket peer; X-Forwarded-For counts only from the
+            # ``trusted_proxies`` (uvicorn would otherwise believe any loopback peer's).
+            proxy_headers=False,
             lifespan="on",
             # Long-lived connections (a node's keep-alive, a browser) must not hold a
             # stop past what service managers wait (Docker: 10 s by default).

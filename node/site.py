@@ -21,6 +21,7 @@ from protocols.deid.safe_private import (
     SafePrivateKey,
     load_allowlist,
 )
+from protocols.storage import private_dir
 
 if TYPE_CHECKING:  # the index (SQLAlchemy, Alembic) loads only for commands that use it
     from node.index.store import NodeIndex
@@ -66,5 +67,5 @@ def open_index(settings: NodeSettings, vault: Vault | None = None) -> NodeIndex:
     from node.index.db import Database
     from node.index.store import NodeIndex
 
-    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(settings.home)
     return NodeIndex(Database.open(settings.index_path), vault or open_vault(settings))

@@ -82,7 +82,9 @@ class Supervised:
 
     def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        # 0600: a supervised service's log (Flower's) is its operator's to read
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log:
             self._proc = subprocess.Popen(  # noqa: S603 - argv built by our code
                 self.argv,
                 env=self.env,

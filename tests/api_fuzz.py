@@ -167,9 +167,19 @@ def federation(base: Path, patients: int = 2) -> Iterator[Federation]:
         for name, role in (("ops", "operator"), ("rev", "reviewer"))
     }
     index.db.close()
-    with CoordinatorProcess(chome) as coordinator:
+    # Every caller sends from 127.0.0.1, "wrong token" and mangled credentials on purpose,
+    # far more than the failed authentications that lock a client out by default (10 in
+    # 5 minutes): the limits are raised so that the fuzzing reaches the operations.
+    limits = {"AUTH_MAX_FAILURES": "1000000", "AUTH_WINDOW_S": "1"}
+    with CoordinatorProcess(
+        chome, env={f"RADFED_COORDINATOR_{k}": v for k, v in limits.items()}
+    ) as coordinator:
         enroll(nsettings, coordinator.url, enrollment)
-        env = {"RADFED_NODE_OUTBOX_SECONDS": "1", "RADFED_NODE_HEARTBEAT_SECONDS": "1"}
+        env = {
+            "RADFED_NODE_OUTBOX_SECONDS": "1",
+            "RADFED_NODE_HEARTBEAT_SECONDS": "1",
+            **{f"RADFED_NODE_{k}": v for k, v in limits.items()},
+        }
         with NodeProcess(nhome, env=env) as node:
             running = Federation(base, coordinator, node, ctokens, ntokens)
             _share_and_release(running)

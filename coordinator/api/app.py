@@ -14,6 +14,7 @@ the error statuses it may answer with.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -23,14 +24,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 
 from coordinator import audit, pki, sites, tokens
 from coordinator.errors import CoordinatorError
 from coordinator.identity import NodeIdentity, NonceCache, authenticate_node
+from coordinator.lockout import auth_guard
 from coordinator.metrics import CoordinatorMetrics, RequestMetrics
 from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import peer_certificate
+from protocols.api.authguard import AuthGuard
+from protocols.api.bodylimit import BodyLimit, Scope
 from protocols.api.callers import pending_caller_checks
 from protocols.api.coordinator import (
     EnrollRequest,
@@ -46,6 +51,7 @@ from protocols.api.errors import (
     http_error_code,
     validation_message,
 )
+from protocols.nodeauth import NodeAuthError
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
 log = logging.getLogger("radfed.coordinator.api")
@@ -59,6 +65,7 @@ ERROR_STATUS = {
     "enrollment_token_used": 401,
     "enrollment_token_expired": 401,
     "forbidden": 403,
+    "too_many_attempts": 429,
     "site_revoked": 403,
     "not_found": 404,
     "site_not_found": 404,
@@ -76,6 +83,12 @@ ERROR_STATUS = {
     "too_many_bytes": 422,
     "sha256_mismatch": 422,
     "chunk_too_large": 413,
+    "request_too_large": 413,
+    "upload_too_large": 413,
+    "too_many_open_uploads": 409,
+    "exam_withdrawn": 409,
+    "invalid_manifest": 422,
+    "node_token_stale": 401,
     "exam_not_found": 404,
     "release_not_found": 404,
     "unknown_dimension": 404,
@@ -109,9 +122,19 @@ ERROR_STATUS = {
 }
 
 
-def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
+def _error(
+    code: str, message: str, retryable: bool = False, retry_after: int | None = None
+) -> JSONResponse:
     body = ErrorBody(code=code, message=message, retryable=retryable)
-    return JSONResponse(status_code=ERROR_STATUS.get(code, 400), content=body.model_dump())
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(
+        status_code=ERROR_STATUS.get(code, 400), content=body.model_dump(), headers=headers
+    )
+
+
+def _guard(request: Request) -> AuthGuard:
+    guard: AuthGuard = request.app.state.auth_guard
+    return guard
 
 
 def _person(request: Request, *roles: str) -> str:
@@ -120,9 +143,12 @@ def _person(request: Request, *roles: str) -> str:
     if scheme.lower() != "bearer" or not token:
         raise CoordinatorError("unauthorized", "an API token is required (Authorization: Bearer)")
     db: Database = request.app.state.db
-    found = tokens.check(db, token.strip())
-    if found is None:
-        raise CoordinatorError("unauthorized", "unknown or revoked API token")
+    with _guard(request).attempt(request, "token") as attempt:
+        found = tokens.check(db, token.strip())
+        if found is None:
+            attempt.failed()
+            raise CoordinatorError("unauthorized", "unknown or revoked API token")
+        attempt.succeeded()
     name, role = found
     if role not in roles:
         raise CoordinatorError("forbidden", f"role {role} may not do this")
@@ -143,17 +169,31 @@ def require_reader(request: Request) -> str:
 def require_node(request: Request) -> NodeIdentity:
     """The enrolled site whose node made this request."""
     settings: CoordinatorSettings = request.app.state.settings
-    node = authenticate_node(
-        request.app.state.db,
-        request.headers.get("authorization"),
-        request.method,
-        # the path as routed (``request.url.path`` re-parses it and drops tabs, say)
-        request.scope["path"],
-        peer_certificate(request.scope),  # type: ignore[arg-type]
-        require_tls_cert=not settings.behind_proxy,
-        max_age_s=settings.node_token_max_age_s,
-        nonces=request.app.state.nonces,
-    )
+    header = request.headers.get("authorization")
+    with _guard(request).attempt(request, "node") as attempt:
+        try:
+            node = authenticate_node(
+                request.app.state.db,
+                header,
+                request.method,
+                # the path as routed (``request.url.path`` re-parses it and drops tabs, say)
+                request.scope["path"],
+                peer_certificate(request.scope),  # type: ignore[arg-type]
+                require_tls_cert=not settings.behind_proxy,
+                max_age_s=settings.node_token_max_age_s,
+                nonces=request.app.state.nonces,
+            )
+        except CoordinatorError as exc:
+            # A token that does not check out (signature, certificate, replay) counts. No
+            # token, no client certificate, a revoked site, or a well-signed token out of
+            # its time window (a node's clock is off: ``authenticate_node`` chains the
+            # ``NodeAuthError``) is no guess.
+            cause = exc.__cause__
+            skewed = isinstance(cause, NodeAuthError) and cause.code == "expired_node_token"
+            if header and exc.code == "unauthorized" and not skewed:
+                attempt.failed()
+            raise
+        attempt.succeeded()
     request.state.caller_checked = True
     return node
 
@@ -164,8 +204,9 @@ Node = Annotated[NodeIdentity, Depends(require_node)]
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI error responses of a route with a caller check (401, 403) and ``statuses``."""
-    return error_responses(401, 403, *statuses)
+    """The OpenAPI error responses of a route with a caller check (401, 403, 429: locked
+    out after failed authentications) and ``statuses``."""
+    return error_responses(401, 403, 429, *statuses)
 
 
 async def _authenticate_first(request: Request, checks: tuple[Callable[..., Any], ...]) -> None:
@@ -176,6 +217,24 @@ async def _authenticate_first(request: Request, checks: tuple[Callable[..., Any]
 
 #: The validation error of a request body that could not be read at all.
 _unreadable_body = {"loc": ("body",), "msg": "not JSON (or not UTF-8)", "type": "json_invalid"}
+
+
+#: The one route whose body is not JSON: an upload's file chunk (``intake.MAX_CHUNK``).
+_CHUNK_ROUTE = re.compile(r"/api/v1/uploads/[^/]+/files/[^/]+")
+
+
+def body_limit(settings: CoordinatorSettings) -> Callable[[Scope], int]:
+    """The most bytes a request's body may carry: a file chunk, or ``max_request_body_mib``."""
+    from coordinator.intake import MAX_CHUNK
+
+    documents = int(settings.max_request_body_mib * 2**20)
+
+    def limit(scope: Scope) -> int:
+        if scope.get("method") == "PUT" and _CHUNK_ROUTE.fullmatch(scope.get("path", "")):
+            return MAX_CHUNK
+        return documents
+
+    return limit
 
 
 def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
@@ -189,6 +248,12 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.nonces = NonceCache()
+    metrics = CoordinatorMetrics(
+        db, settings, lambda: int(getattr(app.state, "superlink_restarts", lambda: 0)())
+    )
+    app.state.metrics = metrics
+    guard = auth_guard(settings, db, metrics.registry)
+    app.state.auth_guard = guard
     store = settings.store(durable_puts=False)
     app.state.store = store
     from coordinator.api.intake_routes import mount_intake
@@ -202,28 +267,34 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     from coordinator.api.training_routes import mount_training
 
     mount_training(app, settings, db, store)
+    from coordinator.web.ui import PREFIX as WEB_PREFIX
     from coordinator.web.ui import mount_web
 
     mount_web(app, settings, db, store)
-    metrics = CoordinatorMetrics(
-        db, settings, lambda: int(getattr(app.state, "superlink_restarts", lambda: 0)())
-    )
-    app.state.metrics = metrics
+    for route in app.routes:  # the UI's sign-in counts against the same limits
+        if isinstance(route, Mount) and route.path == WEB_PREFIX:
+            route.app.state.auth_guard = guard  # type: ignore[attr-defined]
     app.add_middleware(RequestMetrics, metrics=metrics)
+    # Outermost: a body too large or too slow is refused before anything reads it.
+    app.add_middleware(
+        BodyLimit,
+        limit=body_limit(settings),
+        idle_timeout_s=settings.request_body_timeout_s,
+    )
 
     paths = pki.Paths(settings.pki_dir)
     caller_checks = (require_operator, require_reader, require_node, require_viewer)
 
     @app.exception_handler(CoordinatorError)
     async def _coordinator_error(_: Request, exc: CoordinatorError) -> JSONResponse:
-        return _error(exc.code, exc.message, exc.retryable)
+        return _error(exc.code, exc.message, exc.retryable, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         try:
             await _authenticate_first(request, caller_checks)
         except CoordinatorError as refused:
-            return _error(refused.code, refused.message, refused.retryable)
+            return _error(refused.code, refused.message, refused.retryable, refused.retry_after)
         return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
@@ -272,8 +343,15 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
         return Response(pki.pem(cert), media_type="application/x-pem-file")
 
     @app.post("/api/v1/enroll", response_model=EnrollResponse, responses=errors(422))
-    def enroll(body: EnrollRequest) -> EnrollResponse:
-        done = sites.enroll(db, settings, body.token, body.csr_pem)
+    def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
+        with guard.attempt(request, "enroll") as attempt:
+            try:
+                done = sites.enroll(db, settings, body.token, body.csr_pem)
+            except CoordinatorError as exc:
+                if exc.code in sites.TOKEN_REFUSALS:
+                    attempt.failed()
+                raise
+            attempt.succeeded()
         wake = getattr(app.state, "flower_sync", None)
         if callable(wake):
             wake()  # register the new key with the SuperLink now, not at the next poll

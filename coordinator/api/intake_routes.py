@@ -29,7 +29,7 @@ from protocols.api.coordinator import (
 def mount_intake(app: FastAPI, intake: Intake) -> None:
     """Add the intake routes to the coordinator's app."""
 
-    @app.post("/api/v1/uploads", response_model=UploadPublic, responses=errors(409, 422))
+    @app.post("/api/v1/uploads", response_model=UploadPublic, responses=errors(409, 413, 422))
     def open_upload(body: UploadCreate, node: Node) -> UploadPublic:
         return intake.open(node, body)
 

@@ -2,7 +2,9 @@
 
 The login form carries its own CSRF token, bound to a short-lived signed
 cookie, so that no other site can sign a browser in under someone else's token.
-A wrong token gets the same answer whatever was wrong with it.
+A wrong token gets the same answer whatever was wrong with it, and counts as a
+failed authentication of the client's address, as a wrong token on the API does
+(``coordinator.lockout``): a client locked out gets the form back with 429.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from coordinator.errors import CoordinatorError
 from coordinator.web.session import COOKIE, COOKIE_PATH
 from coordinator.web.ui import PREFIX, Reader, UiContext
+from protocols.api.authguard import TOO_MANY_ATTEMPTS, AuthGuard
 
 router = APIRouter()
 #: The login form's cookie (its CSRF token is derived from it).
@@ -72,17 +76,36 @@ def login(
             next=_target(next),
             login_csrf="",
         )
-    signed = ui.sessions.sign_in(token)
-    if signed is None:
-        return ui.page(
+    guard: AuthGuard = request.app.state.auth_guard
+    try:
+        with guard.attempt(request, "token") as attempt:
+            signed = ui.sessions.sign_in(token)
+            if signed is None:
+                attempt.failed()
+                return ui.page(
+                    "login.html",
+                    request,
+                    None,
+                    status_code=401,
+                    error="Unknown or revoked API token.",
+                    next=_target(next),
+                    login_csrf=csrf,
+                )
+            attempt.succeeded()
+    except CoordinatorError as refused:
+        if refused.code != TOO_MANY_ATTEMPTS:
+            raise
+        page = ui.page(
             "login.html",
             request,
             None,
-            status_code=401,
-            error="Unknown or revoked API token.",
+            status_code=429,
+            error=f"Locked out: {refused.message}.",
             next=_target(next),
             login_csrf=csrf,
         )
+        page.headers["Retry-After"] = str(refused.retry_after)
+        return page
     cookie, _user = signed
     response = RedirectResponse(_target(next), status_code=303)
     response.set_cookie(

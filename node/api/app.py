@@ -4,7 +4,9 @@ Errors: service code raises ``NodeError``; ``ERROR_STATUS`` maps its code to the
 HTTP status in one place and every error body is a ``protocols`` ``ErrorBody``.
 Every route but ``/healthz`` and ``/metrics`` needs an operator's API token,
 checked before anything else about the request (``_authenticate_first``), and
-declares in the OpenAPI document every error status it may answer with.
+declares in the OpenAPI document every error status it may answer with. Wrong
+tokens count against the client's address (``node.lockout``): too many and it
+is locked out (429) for a while, right token or not.
 No documentation UI is served (it would load assets from a CDN); the OpenAPI
 document is at ``/api/v1/openapi.json``.
 """
@@ -26,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node.errors import NodeError
 from node.index.store import NodeIndex, StudyQuery
+from node.lockout import auth_guard
 from node.metrics import NodeMetrics
 from node.vetting import review
 from node.vetting.policy import VettingPolicy
+from protocols.api.authguard import AuthGuard
 from protocols.api.callers import pending_caller_checks
 from protocols.api.errors import (
     ErrorBody,
@@ -48,6 +52,7 @@ from protocols.api.node import (
     StudyPage,
     StudyStatus,
 )
+from protocols.bruteforce import LockoutPolicy
 from protocols.phi.findings import Severity
 from protocols.version import PROTOCOL_VERSION, SOFTWARE_VERSION
 
@@ -57,6 +62,7 @@ log = logging.getLogger("radfed.node.api")
 ERROR_STATUS = {
     "unauthorized": 401,
     "forbidden": 403,
+    "too_many_attempts": 429,
     "policy_not_saved": 503,
     "study_not_found": 404,
     "not_found": 404,
@@ -77,18 +83,27 @@ bearer = HTTPBearer(auto_error=False)
 _unreadable_body = {"loc": ("body",), "msg": "not JSON (or not UTF-8)", "type": "json_invalid"}
 
 
-def _error(code: str, message: str, retryable: bool = False) -> JSONResponse:
+def _error(
+    code: str, message: str, retryable: bool = False, retry_after: int | None = None
+) -> JSONResponse:
     body = ErrorBody(code=code, message=message, retryable=retryable)
-    return JSONResponse(status_code=ERROR_STATUS.get(code, 400), content=body.model_dump())
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(
+        status_code=ERROR_STATUS.get(code, 400), content=body.model_dump(), headers=headers
+    )
 
 
 def _token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> tuple[str, str]:
     if credentials is None:
         raise NodeError("unauthorized", "an API token is required (Authorization: Bearer)")
     index: NodeIndex = request.app.state.index
-    found = index.check_token(credentials.credentials)
-    if found is None:
-        raise NodeError("unauthorized", "unknown or revoked API token")
+    guard: AuthGuard = request.app.state.auth_guard
+    with guard.attempt(request, "token") as attempt:
+        found = index.check_token(credentials.credentials)
+        if found is None:
+            attempt.failed()
+            raise NodeError("unauthorized", "unknown or revoked API token")
+        attempt.succeeded()
     return found
 
 
@@ -121,8 +136,9 @@ ReviewerToken = Annotated[str, Depends(require_reviewer)]
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI error responses of a route behind an API token, and ``statuses``."""
-    return error_responses(401, 403, *statuses)
+    """The OpenAPI error responses of a route behind an API token (401, 403, 429: locked
+    out after failed authentications), and ``statuses``."""
+    return error_responses(401, 403, 429, *statuses)
 
 
 async def _authenticate_first(request: Request) -> None:
@@ -137,7 +153,9 @@ def create_app(
     listener_up: Callable[[], bool],
     pending: Callable[[], int],
     policy: Callable[[], VettingPolicy] = VettingPolicy,
+    guard: AuthGuard | None = None,
 ) -> FastAPI:
+    """The node's API (``guard``: its failed-authentication limits; defaults if not given)."""
     app = FastAPI(
         title="RadFed node",
         version=SOFTWARE_VERSION,
@@ -146,17 +164,18 @@ def create_app(
         redoc_url=None,
     )
     app.state.index = index
+    app.state.auth_guard = guard or auth_guard(index, LockoutPolicy())
 
     @app.exception_handler(NodeError)
     async def _node_error(_: Request, exc: NodeError) -> JSONResponse:
-        return _error(exc.code, exc.message, exc.retryable)
+        return _error(exc.code, exc.message, exc.retryable, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         try:
             await _authenticate_first(request)
         except NodeError as refused:
-            return _error(refused.code, refused.message, refused.retryable)
+            return _error(refused.code, refused.message, refused.retryable, refused.retry_after)
         return _error("invalid_request", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)

@@ -15,6 +15,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from protocols.storage import private_dir
+
 SECRET_BYTES = 32
 
 
@@ -23,7 +25,7 @@ class KeyFileError(Exception):
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path)  # the home too, when this makes it
     os.chmod(path, 0o700)
 
 

@@ -36,6 +36,7 @@ from node.deid.vault import Vault
 from protocols.deid.options import DeidOptions
 from protocols.deid.profile import compile_profile
 from protocols.deid.safe_private import SafePrivateKey
+from protocols.storage import make_dirs, private_dir
 
 MMAP_THRESHOLD = 256 * 1024
 COPY_THRESHOLD = 64 * 1024
@@ -46,6 +47,9 @@ IN_FLIGHT_PER_WORKER = 16
 VAULT_BATCH = 512
 FLUSH_SECONDS = 1.0
 TMP_DIR = ".radfed-tmp"
+#: De-identified outputs: readable by others where the umask lets them, writable by none.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 #: What a malformed file can still make the engine raise past its own checks: the
 #: file is quarantined as ``malformed`` with the error, never an exception out of a run.
 PARSE_ERRORS: tuple[type[Exception], ...] = (
@@ -165,7 +169,8 @@ class Writer:
         self.durable = durable
         # One scratch folder per process: writers do not contend for one directory.
         self.tmp = dst / TMP_DIR / str(os.getpid())
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.tmp, 0o700)
+        self._root = os.path.realpath(dst)
         self._dirs: set[str] = set()
 
     def publish(self, result: DeidResult, source_fd: int | None = None) -> str:
@@ -174,7 +179,16 @@ class Writer:
         parent = str(final.parent)
         if parent not in self._dirs:
             created = not os.path.isdir(parent)
-            os.makedirs(parent, exist_ok=True)
+            # A link planted in the store (a folder named like a pseudonym, say) must
+            # not carry a write, or a new folder, out of it.
+            existing = final.parent
+            while not os.path.lexists(existing) and existing != self.dst:
+                existing = existing.parent
+            self._inside(existing, result.relpath)
+            # Never writable by others, whatever the umask: a folder anyone may write
+            # to is one where anyone may plant a file or a link under a future name.
+            make_dirs(final.parent, DIR_MODE)
+            self._inside(final.parent, result.relpath)
             if created and self.durable:
                 # New folders must survive a crash too: sync each one's entry upwards.
                 for folder in (final.parent, *final.parent.parents):
@@ -185,7 +199,7 @@ class Writer:
             if len(self._dirs) > 10_000:
                 self._dirs.clear()
         tmp = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             try:
                 _write_pieces(fd, result, source_fd)
@@ -211,6 +225,15 @@ class Writer:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _inside(self, folder: Path, relpath: str) -> None:
+        real = os.path.realpath(folder)
+        if real != self._root and not real.startswith(self._root + os.sep):
+            raise DeidError(
+                "unsafe_path",
+                f"{relpath}: its folder leads out of the output folder "
+                "(a symbolic link in it?); nothing written",
+            )
+
     def _keep_original(self, result: DeidResult, source_fd: int | None) -> None:
         """With the site's keep-originals setting: the source file, beside its copy's name."""
         if self.originals is None or source_fd is None:
@@ -218,7 +241,7 @@ class Writer:
         final = self.originals / result.relpath
         if final.exists():
             return
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(final.parent)
         tmp = self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}.orig"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -507,8 +530,8 @@ def run(
     could be lost.
     """
     started = time.perf_counter()
-    dst.mkdir(parents=True, exist_ok=True)
-    report_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(dst, DIR_MODE)
+    private_dir(report_path.parent)
     summary = RunSummary(report_path=report_path)
     pending: list[FileOutcome] = []
     last_flush = time.monotonic()

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.errors import NodeError
-from protocols.storage import sqlite_engine
+from protocols.storage import private_dir, sqlite_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -49,10 +49,12 @@ class Database:
 
     @classmethod
     def open(cls, path: Path) -> Database:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        # 0600 before SQLite opens it: its -wal and -shm files take the database's mode.
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         writer = _engine(path, immediate=True)
         migrate(writer)
-        path.chmod(0o600)
         return cls(path, writer, _engine(path, immediate=False))
 
     @classmethod

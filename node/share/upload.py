@@ -29,6 +29,7 @@ from protocols.api.coordinator import (
     UploadPublic,
     UploadStatus,
 )
+from protocols.signing import manifest_digest
 
 log = logging.getLogger("radfed.node.share")
 CHUNK = 8 * 1024 * 1024
@@ -108,7 +109,7 @@ def send_exam(
         raise _error(response)
     upload = UploadPublic.model_validate(response.json())
     if upload.status is UploadStatus.REGISTERED and upload.receipt is not None:
-        return upload.receipt.model_copy(update={"duplicate": True})
+        return check_receipt(upload.receipt.model_copy(update={"duplicate": True}), exam)
     if upload.rejection is not None and upload.status is not UploadStatus.OPEN:
         return upload.rejection
     for state in upload.missing():
@@ -126,10 +127,42 @@ def send_exam(
     path = f"/api/v1/uploads/{upload.upload_id}/complete"
     response = _retrying(lambda: client.request("POST", path), attempts, pause)
     if response.status_code == 200:
-        return Receipt.model_validate(response.json())
+        return check_receipt(Receipt.model_validate(response.json()), exam)
     if response.status_code == 422 and "reasons" in response.text:
         return Rejection.model_validate(response.json())
     raise _error(response)
+
+
+def check_receipt(receipt: Receipt, exam: ExamPackage) -> Receipt:
+    """``receipt`` if it is for the exam sent: this study, this site, every instance.
+
+    A receipt marks the study shared, so one for another exam (a coordinator's bug,
+    a proxy's cache, anything between) must not. Its manifest digest is this
+    manifest's, unless it says the exam was registered before (``duplicate``: from
+    a manifest packaged earlier, with the same files).
+    """
+    manifest = exam.signed.manifest
+    problems = [
+        what
+        for what, wrong in (
+            ("study", receipt.study_instance_uid != manifest.study_instance_uid),
+            ("site", receipt.site != manifest.site),
+            ("instances", receipt.instances != manifest.instance_count),
+            (
+                "manifest",
+                not receipt.duplicate and receipt.manifest_sha256 != manifest_digest(manifest),
+            ),
+        )
+        if wrong
+    ]
+    if problems:
+        raise NodeError(
+            "receipt_mismatch",
+            f"the coordinator's receipt is not for the exam sent ({', '.join(problems)} "
+            f"differ: receipt for {receipt.study_instance_uid} of {receipt.site}); "
+            "the study is not marked shared",
+        )
+    return receipt
 
 
 def _send_file(

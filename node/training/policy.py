@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from node.errors import NodeError
 from protocols.api.node import TrainingPolicyBody
+from protocols.storage import private_dir
 
 #: Study statuses each ``eligible`` setting admits (never held, rejected, withdrawn).
 ELIGIBLE_STATUSES: dict[str, tuple[str, ...]] = {
@@ -64,10 +65,12 @@ class TrainingPolicy(TrainingPolicyBody):
         """Write the policy atomically (a reader sees the old or the new file)."""
         from node.deid.runner import fsync_dir
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as handle:
+            # 0600: what is approved without a reviewer is the operator's to change alone
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.to_toml())
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -17,12 +17,12 @@ from pathlib import Path
 from node import federation
 from node.settings import NodeSettings
 from protocols.process import Supervised, tool, tool_path
-from protocols.storage import write_private
+from protocols.storage import private_dir, write_private
 
 
 def write_shim(folder: Path) -> Path:
     """``<folder>/flwr-clientapp``: runs the gate with this interpreter."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     script = folder / "flwr-clientapp"
     text = (
         "#!/bin/sh\n"
@@ -44,7 +44,7 @@ def supernode(settings: NodeSettings) -> Supervised | None:
     key = federation.write_supernode_key(settings)
     training = settings.training_dir.resolve()
     home = training / "flower"
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     shim = write_shim(training / "bin")
     env = dict(os.environ)
     env.update(

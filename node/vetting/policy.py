@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from node.errors import NodeError
 from protocols.phi.findings import Severity
+from protocols.storage import private_dir
 
 #: A modality is a DICOM CS value: upper-case letters, digits, space or underscore, 16 at most.
 _MODALITY = re.compile(r"^[A-Z0-9_ ]{1,16}$")
@@ -128,10 +129,12 @@ class VettingPolicy(BaseModel):
         """Write the policy to ``path`` atomically (a reader sees the old or the new file)."""
         from node.deid.runner import fsync_dir
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as handle:
+            # 0600: what is approved without a reviewer is the operator's to change alone
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.to_toml())
                 handle.flush()
                 os.fsync(handle.fileno())

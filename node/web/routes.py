@@ -3,7 +3,9 @@
 Server-rendered (Jinja2) with every asset served from the node itself — no CDN,
 hospitals are often air-gapped — and a Content-Security-Policy that allows only
 the node's own scripts and styles. Original values appear in one place only, the
-reviewer's header diff on the study page, and every such read is audited.
+reviewer's header diff on the study page, and every such read is audited. A wrong
+password counts against the client's address (``node.lockout``): too many and the
+sign-in is refused (429) for a while, right password or not.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from node.settings import NodeSettings
 from node.vetting import review
 from node.vetting.policy import VettingPolicy
 from node.web.session import COOKIE, LIFETIME, Sessions, WebUser
+from protocols.api.authguard import TOO_MANY_ATTEMPTS, AuthGuard
 from protocols.api.node import StudyStatus
 from protocols.deid.dictionary import keyword_for_tag
 from protocols.phi.findings import Severity
@@ -111,7 +114,23 @@ def mount_web(
         password: Annotated[str, Form()],
         next: Annotated[str, Form()] = "/",
     ) -> Response:
-        role = authenticate(index, name, password)
+        guard: AuthGuard = request.app.state.auth_guard
+        try:
+            with guard.attempt(request, "password") as attempt:
+                role = authenticate(index, name, password)
+                if role is None:
+                    attempt.failed()
+                else:
+                    attempt.succeeded()
+        except NodeError as refused:
+            if refused.code != TOO_MANY_ATTEMPTS:
+                raise
+            locked = page(
+                "login.html", request, None, error=f"Locked out: {refused.message}.", next=next
+            )
+            locked.status_code = 429
+            locked.headers["Retry-After"] = str(refused.retry_after)
+            return locked
         if role is None:
             return page(
                 "login.html", request, None, error="Unknown user or wrong password.", next=next

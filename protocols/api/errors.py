@@ -31,16 +31,35 @@ _MEANING = {
     409: "Conflicts with the current state",
     413: "Too large",
     422: "Invalid request: the message names each argument",
+    429: "Too many failed authentications from this client: locked out for now, "
+    "even with the right credentials; retry after Retry-After seconds",
     500: "Internal error",
     502: "An upstream service failed",
     503: "Unavailable for now; retry",
 }
 
 
+#: Extra fields of an error status's OpenAPI response (the headers it always carries).
+_EXTRA: dict[int, dict[str, Any]] = {
+    429: {
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until the client may try again",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    },
+}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses an operation may answer with."""
     return {
-        status: {"model": ErrorBody, "description": _MEANING.get(status, "Error")}
+        status: {
+            "model": ErrorBody,
+            "description": _MEANING.get(status, "Error"),
+            **_EXTRA.get(status, {}),
+        }
         for status in statuses
     }
 

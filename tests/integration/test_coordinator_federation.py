@@ -83,6 +83,10 @@ def federation(
         env = (
             {"RADFED_COORDINATOR_DATABASE_URL": schema.url} if request.param == "postgresql" else {}
         )
+        # The authorization matrix presents a wrong token on purpose, once per endpoint,
+        # from 127.0.0.1 like every other caller here: more than the default 10 failures
+        # that lock a client out (tests/integration/test_security_auth.py tests that).
+        env["RADFED_COORDINATOR_AUTH_MAX_FAILURES"] = "1000"
         init = run_cli("coordinator", "init", "--home", str(home), env=env)
         assert init.returncode == 0, init.stderr
         operator = run_cli(

@@ -305,8 +305,10 @@ def test_rerun_into_the_same_destination_changes_nothing(
 
 
 def test_reidentification_map_is_kept_encrypted(defaults: Run) -> None:
+    from node.deid.vault import MAGIC
+
     vault = (defaults.home / "vault" / "originals.vault").read_bytes()
-    assert vault.startswith(b"RADFEDV1")
+    assert vault.startswith(MAGIC)
     for patient_id in defaults.corpus.mrns:
         assert patient_id.encode() not in vault
     key = defaults.home / "keys" / "vault.key"

@@ -243,7 +243,7 @@ def test_the_token_is_checked_before_the_body_and_errors_are_documented(
     assert not_utf8.status_code == 422 and not_utf8.json()["code"] == "invalid_request"
     assert long_run.status_code == 422 and long_run.json()["code"] == "bad_run"
     responses = spec["paths"]["/api/v1/studies/{study_uid}/approve"]["post"]["responses"]
-    assert set(responses) == {"200", "401", "403", "404", "409", "422"}
+    assert set(responses) == {"200", "401", "403", "404", "409", "422", "429"}
     assert responses["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"
     }
