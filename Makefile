@@ -75,6 +75,9 @@ bench: install services
 	$(BIN)/python bench/api_fuzz.py
 	$(BIN)/python bench/fuzz_dicom.py --seconds 600
 	$(BIN)/python bench/demo_time.py
+	$(BIN)/python bench/load_coordinator.py
+	$(BIN)/python bench/load_coordinator.py --backend postgresql
+	$(BIN)/python bench/load_node_ingest.py
 
 profile: install
 	$(BIN)/python tools/gen_deid_profile.py

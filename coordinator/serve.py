@@ -34,6 +34,7 @@ from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import PeerCertProtocol
 from coordinator.training import RunWatcher
+from protocols.api.slowheaders import with_header_deadline
 from protocols.logs import configure_logging
 from protocols.process import Supervised
 from protocols.tlsconfig import server_context
@@ -143,7 +144,8 @@ def serve(settings: CoordinatorSettings) -> None:
             ssl_context_factory=lambda _config, _default: server_context(
                 paths.server_cert, paths.server_key, paths.ca_cert, ssl.CERT_OPTIONAL
             ),
-            http=PeerCertProtocol,
+            http=with_header_deadline(PeerCertProtocol, settings.request_header_timeout_s),
+            limit_concurrency=settings.max_connections,
             # The client address is the socket peer; X-Forwarded-For counts only from the
             # ``trusted_proxies`` (uvicorn would otherwise believe any loopback peer's).
             proxy_headers=False,

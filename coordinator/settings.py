@@ -86,6 +86,11 @@ class CoordinatorSettings(BaseSettings):
     #: A request body that stops arriving for this long is cut off (408): a slow
     #: sender cannot hold a connection open forever.
     request_body_timeout_s: float = Field(default=60.0, gt=0)
+    #: A connection must send a request's complete headers within this long of being
+    #: ready for one, or it is closed (no slow-loris holding connections open).
+    request_header_timeout_s: float = Field(default=20.0, gt=0)
+    #: Connections and requests served at once; beyond it a request gets 503.
+    max_connections: int = Field(default=1024, ge=16)
     #: Uploads one site may hold open at once (an upload closes when its exam is
     #: registered, refused or expires) ...
     max_open_uploads_per_site: int = Field(default=64, ge=1)

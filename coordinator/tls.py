@@ -3,7 +3,8 @@
 uvicorn verifies a client certificate against the federation CA when one is
 presented (``CERT_OPTIONAL``: operators and researchers use API tokens without
 one), but does not hand it to the application. ``PeerCertProtocol`` is uvicorn's
-h11 protocol with one addition: when a connection is made it reads the peer's
+h11 protocol (with the header deadline of ``protocols.api.slowheaders``) with one
+addition: when a connection is made it reads the peer's
 certificate from the TLS object and puts its DER into every request's ASGI
 scope as the TLS extension (``scope["extensions"]["tls"]["client_cert_der"]``).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from protocols.api.slowheaders import HeaderDeadlineProtocol
 
 TLS_EXTENSION = "tls"
 
@@ -25,7 +26,7 @@ def peer_certificate(scope: dict[str, Any]) -> bytes | None:
     return der if isinstance(der, bytes) else None
 
 
-class PeerCertProtocol(H11Protocol):
+class PeerCertProtocol(HeaderDeadlineProtocol):
     """uvicorn's h11 protocol, passing the verified client certificate to the app."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

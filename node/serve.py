@@ -28,6 +28,7 @@ from node.vetting.policy import VettingPolicy
 from node.vetting.service import Vetter, render_png, reviewer_mask
 from node.web.routes import mount_web
 from protocols.api.bodylimit import BodyLimit
+from protocols.api.slowheaders import HeaderDeadlineProtocol
 from protocols.logs import configure_logging as configure_logging_as
 
 
@@ -40,6 +41,9 @@ def configure_logging() -> None:
 MAX_BODY = 4 * 2**20
 #: ... and how long it may stop arriving before the request is cut off.
 BODY_TIMEOUT_S = 60.0
+#: Connections and requests the node API serves at once (503 beyond): it is a
+#: loopback or LAN service for a handful of people and the outbox.
+MAX_CONNECTIONS = 256
 
 
 def serve(settings: NodeSettings) -> None:
@@ -92,6 +96,10 @@ def serve(settings: NodeSettings) -> None:
             # The client address is the socket peer; X-Forwarded-For counts only from the
             # ``trusted_proxies`` (uvicorn would otherwise believe any loopback peer's).
             proxy_headers=False,
+            # A client gets HEADER_TIMEOUT_S for a request's headers (no slow-loris), and
+            # no more than MAX_CONNECTIONS are served at once (503 beyond).
+            http=HeaderDeadlineProtocol,
+            limit_concurrency=MAX_CONNECTIONS,
             lifespan="on",
             # Long-lived connections (a node's keep-alive, a browser) must not hold a
             # stop past what service managers wait (Docker: 10 s by default).

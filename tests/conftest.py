@@ -27,6 +27,9 @@ LONGEST_FIRST = (
     "tests/integration/test_fuzz_intake.py",
     "tests/integration/test_coordinator_intake.py",
     "tests/integration/test_coordinator_federation.py",
+    "tests/integration/test_security.py",
+    "tests/integration/test_security_auth.py",
+    "tests/integration/test_load_smoke.py",
 )
 
 

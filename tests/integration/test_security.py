@@ -75,6 +75,7 @@ pytestmark = pytest.mark.integration
 #: The coordinator's limits in this module (small, so floods are quick to make).
 BODY_MIB = 1
 BODY_TIMEOUT_S = 2
+HEADER_TIMEOUT_S = 3
 OPEN_UPLOADS = 3
 MAX_CHUNK = 64 * 2**20
 
@@ -138,6 +139,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
     env = {
         "RADFED_COORDINATOR_MAX_REQUEST_BODY_MIB": str(BODY_MIB),
         "RADFED_COORDINATOR_REQUEST_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "RADFED_COORDINATOR_REQUEST_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "RADFED_COORDINATOR_MAX_OPEN_UPLOADS_PER_SITE": str(OPEN_UPLOADS),
         "RADFED_COORDINATOR_SCAN_WORKERS": "1",
         # replays and stray credentials are made on purpose here: no lockout of 127.0.0.1
@@ -648,6 +650,72 @@ def test_slow_and_lying_bodies_are_cut_off_and_others_are_still_served(fed: Fed)
     assert json.loads(answers[0].body)["retryable"] is True
     assert waited < BODY_TIMEOUT_S + 10
     assert healthy(fed)
+
+
+def closed_after(sock: ssl.SSLSocket, limit: float) -> float | None:
+    """Seconds until the server closed ``sock`` without answering; None if it answered."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        data = sock.recv(1)
+    except (ConnectionError, ssl.SSLError):
+        data = b""
+    except TimeoutError:
+        return float("inf")
+    return time.monotonic() - started if data == b"" else None
+
+
+def test_slow_or_missing_headers_are_cut_off_and_others_are_still_served(fed: Fed) -> None:
+    # Prepare: connections that say nothing, or send their headers a byte at a time.
+    silent = [connect(fed) for _ in range(5)]
+    dribbling = [connect(fed) for _ in range(5)]
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200
+    stop = threading.Event()
+
+    def dribble() -> None:
+        for byte in range(len(head)):
+            if stop.wait(0.25):
+                return
+            for sock in dribbling:
+                with contextlib.suppress(OSError):
+                    sock.sendall(head[byte : byte + 1])
+
+    sender = threading.Thread(target=dribble, daemon=True)
+    sender.start()
+
+    # Execute
+    meanwhile = httpx.get(
+        f"{fed.coordinator.url}/healthz", verify=fed.coordinator.tls(), timeout=10
+    )
+    closed = [closed_after(sock, HEADER_TIMEOUT_S + 20) for sock in silent + dribbling]
+    stop.set()
+    sender.join(5)
+    for sock in silent + dribbling:
+        sock.close()
+
+    # Assert: every one closed unanswered around the deadline (the dribble would take
+    # ~50 s to finish its headers); the others were served meanwhile and after.
+    assert meanwhile.status_code == 200
+    assert all(c is not None and c < HEADER_TIMEOUT_S + 10 for c in closed), closed
+    assert healthy(fed)
+
+
+def test_a_client_that_keeps_its_connection_gets_the_deadline_again_per_request(
+    fed: Fed,
+) -> None:
+    # Prepare: one kept-alive connection, answered once.
+    sock = connect(fed)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = read_answer(sock)
+
+    # Execute: the next request's headers start but never end.
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    closed = closed_after(sock, HEADER_TIMEOUT_S + 20)
+    sock.close()
+
+    # Assert
+    assert first.status == 200
+    assert closed is not None and closed < HEADER_TIMEOUT_S + 10, closed
 
 
 def test_an_upload_takes_no_more_than_its_manifest_declares(fed: Fed) -> None:
