@@ -1,0 +1,72 @@
+"""The ingest load benchmark's own functions at small scale, so its accounting is tested.
+
+``bench/load_node_ingest.py`` ingests 100,000 instances and checks from the node's
+vault, index and store that nothing was lost. Here the same functions run on 300
+instances through the real ``radfed node ingest`` process: the accounting holds after a
+clean ingest, and it names the loss when a stored file or an index row goes missing.
+No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def load() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module("load_node_ingest")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_every_instance_is_accounted_for_and_a_loss_is_named(
+    load: ModuleType, tmp_path: Path
+) -> None:
+    # Prepare: 300 instances, CT series, CR, DX, US and SR across 40 studies.
+    made = load.corpus(tmp_path / "work", 300, seed=1, ct_slices=(5, 30))
+    assert set(Counter(m.modality for m in made.made)) == {"CT", "CR", "DX", "US", "SR"}
+    home = tmp_path / "home"
+
+    # Execute
+    run = load.run_ingest(made.export, home, jobs=2, interval=0.2)
+    acct = load.account(home, made.made)
+
+    # Assert: all there, once, with their files; the probes saw the run.
+    assert run.rc == 0, run.output
+    assert acct.ok, dict(acct.problems)
+    assert (acct.generated, acct.vault_records, acct.indexed, acct.stored) == (300,) * 4
+    assert (acct.quarantined, acct.duplicates, acct.strays) == (0, 0, 0)
+    assert acct.studies == (40, 40)
+    assert acct.series[0] == acct.series[1]
+    assert sum(b.items for b in run.batches if b.kind == "index") == 300
+    assert sum(b.items for b in run.batches if b.kind == "vault") == 300
+    assert 0 < run.peak_largest < 1024  # MiB: sampled, not asserted flat at this size
+    assert len(acct.received) == len(acct.lags) == 300
+
+    # Execute: lose one instance's file, and another instance's index row.
+    with sqlite3.connect(home / "index.sqlite") as db:
+        (kept_path,) = db.execute("SELECT path FROM instances ORDER BY id LIMIT 1").fetchone()
+        db.execute("DELETE FROM instances WHERE id = (SELECT max(id) FROM instances)")
+    db.close()
+    (home / "store" / kept_path).unlink()
+    lost = load.account(home, made.made)
+
+    # Assert: both losses named, and the orphaned file seen as a stray.
+    assert not lost.ok
+    assert lost.problems["LOST: indexed, file missing from the store"] == 1
+    assert lost.problems["LOST: not indexed"] == 1
+    assert lost.problems["file in the store the index does not know"] == 1
+    assert (lost.indexed, lost.stored) == (299, 298)
