@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from protocols.bruteforce import LockoutPolicy, parse_networks
+from protocols.authsettings import AuthSettings
 
 if TYPE_CHECKING:
     from coordinator.objects import ObjectStore
@@ -32,7 +32,7 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".radfed" / "coordinator"
 
 
-class CoordinatorSettings(BaseSettings):
+class CoordinatorSettings(AuthSettings, BaseSettings):
     """The coordinator's configuration."""
 
     model_config = SettingsConfigDict(
@@ -52,19 +52,6 @@ class CoordinatorSettings(BaseSettings):
     #: Set when a TLS-terminating proxy sits in front: nodes are then identified by
     #: their signed request tokens alone (DESIGN: identity does not depend on TLS).
     behind_proxy: bool = False
-    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the client; from
-    #: anyone else the header is ignored and the socket peer is the client.
-    trusted_proxies: list[str] = Field(default_factory=list)
-    #: Failed authentications (a wrong API token, web sign-in, enrollment token or node
-    #: signature) one client address may make within ``auth_window_s`` ...
-    auth_max_failures: int = Field(default=10, ge=1)
-    auth_window_s: float = Field(default=300.0, gt=0)
-    #: ... before it is locked out for ``auth_lockout_s``, doubled at each further lockout
-    #: up to ``auth_max_lockout_s``; while locked out even right credentials are refused.
-    auth_lockout_s: float = Field(default=900.0, gt=0)
-    auth_max_lockout_s: float = Field(default=14400.0, gt=0)
-    #: Client addresses remembered at most (least recently seen forgotten first).
-    auth_tracked_clients: int = Field(default=10_000, ge=100)
     #: SQLAlchemy URL of the registry; default SQLite in the home.
     database_url: str | None = None
     #: Where exam files are kept: "fs" (``<home>/objects``) or "s3".
@@ -119,29 +106,6 @@ class CoordinatorSettings(BaseSettings):
     central_eval_manifest: Path | None = None
     #: How often runs, SuperNode registrations and the SuperLink are checked (seconds).
     training_poll_s: float = Field(default=2.0, gt=0)
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _trusted_proxies(cls, value: list[str]) -> list[str]:
-        parse_networks(value)  # a bad entry names itself
-        return value
-
-    @model_validator(mode="after")
-    def _lockouts(self) -> CoordinatorSettings:
-        if self.auth_max_lockout_s < self.auth_lockout_s:
-            raise ValueError("auth_max_lockout_s must be at least auth_lockout_s")
-        return self
-
-    @property
-    def lockout_policy(self) -> LockoutPolicy:
-        """When failed authentications lock a client out (``protocols.bruteforce``)."""
-        return LockoutPolicy(
-            max_failures=self.auth_max_failures,
-            window_s=self.auth_window_s,
-            lockout_s=self.auth_lockout_s,
-            max_lockout_s=self.auth_max_lockout_s,
-            max_clients=self.auth_tracked_clients,
-        )
 
     @classmethod
     def settings_customise_sources(

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from protocols.bruteforce import LockoutPolicy, parse_networks
+from protocols.authsettings import AuthSettings
 from protocols.deid.options import DeidOptions
 
 
@@ -28,7 +28,7 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".radfed" / "node"
 
 
-class NodeSettings(BaseSettings):
+class NodeSettings(AuthSettings, BaseSettings):
     """One node's configuration."""
 
     model_config = SettingsConfigDict(
@@ -51,19 +51,6 @@ class NodeSettings(BaseSettings):
     #: The node API and web UI (``radfed node serve``); loopback unless the site opens it.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
-    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the client; from
-    #: anyone else the header is ignored and the socket peer is the client.
-    trusted_proxies: list[str] = Field(default_factory=list)
-    #: Failed authentications (a wrong API token or web UI password) one client address
-    #: may make within ``auth_window_s`` ...
-    auth_max_failures: int = Field(default=10, ge=1)
-    auth_window_s: float = Field(default=300.0, gt=0)
-    #: ... before it is locked out for ``auth_lockout_s``, doubled at each further lockout
-    #: up to ``auth_max_lockout_s``; while locked out even right credentials are refused.
-    auth_lockout_s: float = Field(default=900.0, gt=0)
-    auth_max_lockout_s: float = Field(default=14400.0, gt=0)
-    #: Client addresses remembered at most (least recently seen forgotten first).
-    auth_tracked_clients: int = Field(default=10_000, ge=100)
     #: The DICOM listener: where the PACS pushes (C-STORE) and checks (C-ECHO).
     dicom_host: str = "127.0.0.1"
     dicom_port: int = Field(default=11112, ge=0, le=65535)
@@ -108,29 +95,6 @@ class NodeSettings(BaseSettings):
         if not value or len(value) > 16 or not all(c.isalnum() or c == "-" for c in value):
             raise ValueError('site_id must be 1-16 characters of A-Z, 0-9 and "-"')
         return value
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _trusted_proxies(cls, value: list[str]) -> list[str]:
-        parse_networks(value)  # a bad entry names itself
-        return value
-
-    @model_validator(mode="after")
-    def _lockouts(self) -> NodeSettings:
-        if self.auth_max_lockout_s < self.auth_lockout_s:
-            raise ValueError("auth_max_lockout_s must be at least auth_lockout_s")
-        return self
-
-    @property
-    def lockout_policy(self) -> LockoutPolicy:
-        """When failed authentications lock a client out (``protocols.bruteforce``)."""
-        return LockoutPolicy(
-            max_failures=self.auth_max_failures,
-            window_s=self.auth_window_s,
-            lockout_s=self.auth_lockout_s,
-            max_lockout_s=self.auth_max_lockout_s,
-            max_clients=self.auth_tracked_clients,
-        )
 
     @classmethod
     def settings_customise_sources(
