@@ -1,18 +1,27 @@
-"""The coordinator's failed-authentication settings: defaults, the policy they make, bad values."""
+"""The failed-authentication settings both services take from ``protocols.authsettings``:
+defaults, the policy they make, bad values — as each service loads them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from coordinator.settings import load_settings
+from coordinator.settings import load_settings as coordinator_settings
+from node.settings import load_settings as node_settings
 from protocols.bruteforce import LockoutPolicy
 
+LOADERS = pytest.mark.parametrize(
+    "load", [coordinator_settings, node_settings], ids=["coordinator", "node"]
+)
 
-def test_the_defaults_make_the_documented_policy(tmp_path: Path) -> None:
-    settings = load_settings(tmp_path)
+
+@LOADERS
+def test_the_defaults_make_the_documented_policy(tmp_path: Path, load: Callable[..., Any]) -> None:
+    settings = load(tmp_path)
 
     assert settings.lockout_policy == LockoutPolicy(
         max_failures=10, window_s=300, lockout_s=900, max_lockout_s=14400, max_clients=10_000
@@ -20,6 +29,7 @@ def test_the_defaults_make_the_documented_policy(tmp_path: Path) -> None:
     assert settings.trusted_proxies == []
 
 
+@LOADERS
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -29,7 +39,7 @@ def test_the_defaults_make_the_documented_policy(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_value_is_refused_by_name(
-    tmp_path: Path, overrides: dict[str, object], named: str
+    tmp_path: Path, load: Callable[..., Any], overrides: dict[str, object], named: str
 ) -> None:
     with pytest.raises(ValidationError, match=named):
-        load_settings(tmp_path, **overrides)
+        load(tmp_path, **overrides)
