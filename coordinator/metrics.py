@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import sites
+from coordinator.registry.cache import ResponseCache
 from coordinator.registry.db import Database
 from coordinator.registry.models import Exam, ExamInstance, TrainingRun, Upload
 from coordinator.settings import CoordinatorSettings
@@ -50,6 +51,10 @@ class CoordinatorMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.registry.register(_RegistryCollector(db, settings, superlink_restarts))
+
+    def watch(self, cache: ResponseCache) -> None:
+        """Export the registry answer cache's hits, misses and size."""
+        self.registry.register(_CacheCollector(cache))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -88,6 +93,29 @@ class RequestMetrics:
             self.metrics.observe(
                 str(scope.get("method", "")), template, status, time.perf_counter() - began
             )
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield CounterMetricFamily(
+            "radfed_coordinator_registry_cache_hits",
+            "Registry searches, exam details and statistics answered from the cache.",
+            value=self.cache.hits,
+        )
+        yield CounterMetricFamily(
+            "radfed_coordinator_registry_cache_misses",
+            "Registry searches, exam details and statistics computed anew.",
+            value=self.cache.misses,
+        )
+        _, size = self.cache.size
+        yield GaugeMetricFamily(
+            "radfed_coordinator_registry_cache_bytes",
+            "Bytes of encoded registry answers held now (bounded by registry_cache_mib).",
+            value=size,
+        )
 
 
 class _RegistryCollector(Collector):

@@ -92,6 +92,9 @@ class CoordinatorSettings(AuthSettings, BaseSettings):
     scan_workers: int = Field(default=0, ge=0)
     #: Researcher statistics show a count under k as "<k".
     small_count_k: int = Field(default=5, ge=1)
+    #: Registry search, exam and statistics answers kept in memory (MiB; 0: none),
+    #: valid until the next registry write (``coordinator.registry.cache``).
+    registry_cache_mib: float = Field(default=64, ge=0)
     #: Federated training: ``serve`` supervises a Flower SuperLink (TLS with the
     #: federation's server certificate, SuperNode authentication on). Loopback by
     #: default: only its ``/v1/fleet/`` paths are for nodes, so expose those alone.

@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
@@ -137,14 +138,18 @@ def _guard(request: Request) -> AuthGuard:
     return guard
 
 
-def _person(request: Request, *roles: str) -> str:
+def caller(request: Request, *roles: str, connection: Connection | None = None) -> tuple[str, str]:
+    """(name, role) of the person whose API token came with the request, in one of ``roles``.
+
+    ``connection``: look the token up on it (``tokens.check``).
+    """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise CoordinatorError("unauthorized", "an API token is required (Authorization: Bearer)")
     db: Database = request.app.state.db
     with _guard(request).attempt(request, "token") as attempt:
-        found = tokens.check(db, token.strip())
+        found = tokens.check(db, token.strip(), connection)
         if found is None:
             attempt.failed()
             raise CoordinatorError("unauthorized", "unknown or revoked API token")
@@ -153,7 +158,11 @@ def _person(request: Request, *roles: str) -> str:
     if role not in roles:
         raise CoordinatorError("forbidden", f"role {role} may not do this")
     request.state.caller_checked = True
-    return name
+    return name, role
+
+
+def _person(request: Request, *roles: str) -> str:
+    return caller(request, *roles)[0]
 
 
 def require_operator(request: Request) -> str:
@@ -313,7 +322,7 @@ def create_app(settings: CoordinatorSettings, db: Database) -> FastAPI:
     # -- open ------------------------------------------------------------------------
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": SOFTWARE_VERSION, "protocol_version": PROTOCOL_VERSION}
 
     @app.get(

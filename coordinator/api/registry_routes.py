@@ -3,28 +3,36 @@
 Operators and researchers read (``Reader``); statistics show researchers
 counts under k as ``<k`` and operators exact counts. Operators cut releases
 (``Operator``); a node withdraws its own site's exams (``Node``).
+
+Searches, exam details and statistics are answered from
+``coordinator.registry.cache`` while the registry generation the request read
+stands (``registry_cache_mib``): a repeated question costs one authentication
+and one generation read, in one trip to the thread pool, and no SQL or
+serialisation. Answers computed anew run in the thread pool as before.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from coordinator import releases
 from coordinator.api.app import (
     Node,
     Operator,
     Reader,
+    caller,
     errors,
-    require_operator,
-    require_reader,
 )
-from coordinator.errors import CoordinatorError
 from coordinator.objects import ObjectStore
 from coordinator.registry import search
+from coordinator.registry.cache import ResponseCache, generation
 from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from protocols.api.coordinator import (
@@ -43,20 +51,26 @@ from protocols.api.coordinator import (
 
 @dataclass(frozen=True)
 class Viewer:
-    """Who reads statistics: operators see exact counts."""
+    """Who reads the registry (operators see exact counts) and the generation they see."""
 
     name: str
     operator: bool
+    generation: int
 
 
 def require_viewer(request: Request) -> Viewer:
-    """An operator or a researcher, and which of the two."""
-    try:
-        return Viewer(require_operator(request), operator=True)
-    except CoordinatorError as exc:
-        if exc.code != "forbidden":
-            raise
-    return Viewer(require_reader(request), operator=False)
+    """An operator or a researcher, which of the two, and the registry generation now.
+
+    One token check and the generation read after it, on one pooled connection
+    (an answer kept under that generation is at least as new as the registry was
+    when the request was let in).
+    """
+    cache: ResponseCache = request.app.state.registry_cache
+    db: Database = request.app.state.db
+    with db.reader.connect() as connection:
+        name, role = caller(request, "operator", "researcher", connection=connection)
+        seen = generation(connection) if cache.enabled else 0
+    return Viewer(name, role == "operator", seen)
 
 
 Viewing = Annotated[Viewer, Depends(require_viewer)]
@@ -67,9 +81,25 @@ def mount_registry(
 ) -> None:
     """Add the registry and release routes to the coordinator's app."""
 
+    cache = ResponseCache(int(settings.registry_cache_mib * 2**20))
+    app.state.registry_cache = cache
+    app.state.metrics.watch(cache)
+
+    async def answer(viewer: Viewer, key: Hashable, compute: Callable[[], BaseModel]) -> Response:
+        """The kept answer to ``key`` at the viewer's generation, or ``compute``'s (then kept)."""
+        body = cache.get(viewer.generation, key) if cache.enabled else None
+        if body is None:
+            # FastAPI's own encoding of the response model (by alias, compact).
+            body = await run_in_threadpool(
+                lambda: compute().model_dump_json(by_alias=True).encode()
+            )
+            if cache.enabled:
+                cache.put(viewer.generation, key, body)
+        return Response(body, media_type="application/json")
+
     @app.get("/api/v1/exams", response_model=ExamPage, responses=errors(422))
-    def list_exams(
-        _: Reader,
+    async def list_exams(
+        viewer: Viewing,
         site: str | None = None,
         modality: str | None = None,
         body_part: str | None = None,
@@ -84,7 +114,7 @@ def mount_registry(
         order: SortOrder = SortOrder.DESC,
         limit: Annotated[int, Query(ge=1, le=search.MAX_LIMIT)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> ExamPage:
+    ) -> Response:
         """Exams matching every filter given; withdrawn ones only with ``include_withdrawn``."""
         filters = search.make_filters(
             site=site,
@@ -95,31 +125,47 @@ def mount_registry(
             study_date_from=date_from,
             study_date_to=date_to,
         )
-        return search.search(
-            db,
-            filters,
-            include_withdrawn=include_withdrawn,
-            sort=sort,
-            order=order,
-            limit=limit,
-            offset=offset,
+        key = (
+            "exams",
+            filters.model_dump_json(),
+            include_withdrawn,
+            ExamSort(sort),
+            SortOrder(order),
+            limit,
+            offset,
+        )
+        return await answer(
+            viewer,
+            key,
+            lambda: search.search(
+                db,
+                filters,
+                include_withdrawn=include_withdrawn,
+                sort=sort,
+                order=order,
+                limit=limit,
+                offset=offset,
+            ),
         )
 
     @app.get("/api/v1/exams/{study_uid}", response_model=ExamDetail, responses=errors(404, 422))
-    def exam_detail(study_uid: str, _: Reader) -> ExamDetail:
-        return search.detail(db, study_uid)
+    async def exam_detail(study_uid: str, viewer: Viewing) -> Response:
+        return await answer(viewer, ("exam", study_uid), lambda: search.detail(db, study_uid))
 
     @app.get("/api/v1/stats/{dimension}", response_model=StatsTable, responses=errors(404, 422))
-    def exam_stats(
+    async def exam_stats(
         dimension: str,
         viewer: Viewing,
         label: Annotated[
             str | None, Query(description='with dimension "label": one "scheme:name"')
         ] = None,
-    ) -> StatsTable:
+    ) -> Response:
         """Non-withdrawn exams counted by site, modality or label (``<k`` for researchers)."""
-        return search.stats(
-            db, dimension, k=settings.small_count_k, exact=viewer.operator, label=label
+        k = settings.small_count_k
+        return await answer(
+            viewer,
+            ("stats", dimension, label, viewer.operator, k),
+            lambda: search.stats(db, dimension, k=k, exact=viewer.operator, label=label),
         )
 
     @app.post(

@@ -333,3 +333,21 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, default=0)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+# -- what the registry's readers cache --------------------------------------------------
+
+
+class RegistryGeneration(Base):
+    """One row whose ``value`` changes with every write to what registry reads return.
+
+    Database triggers bump it (migration 0004) on any insert, update or delete of
+    exams, series, instances, labels and clinical values, and of a site's name: a
+    write from any process or code path counts. ``coordinator.registry.cache``
+    keys its answers by it. Heartbeats and uploads in progress do not touch it.
+    """
+
+    __tablename__ = "registry_generation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -311,68 +311,75 @@ def search(
 
 
 def detail(db: Database, study_uid: str) -> ExamDetail:
-    """One exam with its series and instances, labels, clinical values and de-identification."""
+    """One exam with its series and instances, labels, clinical values and de-identification.
+
+    Read as plain rows, not ORM objects: an exam page is asked for often and an
+    exam has hundreds of instances.
+    """
     with db.read() as session:
-        exam = session.scalar(select(Exam).where(Exam.study_uid == study_uid))
+        exam = session.execute(
+            select(Exam.id, Exam.manifest, Exam.manifest_sha256, *_SUMMARY_COLUMNS)
+            .join(Site, Site.id == Exam.site_id)
+            .where(Exam.study_uid == study_uid)
+        ).first()
         if exam is None:
             raise CoordinatorError("exam_not_found", f"the registry holds no exam {study_uid}")
-        site = session.scalar(select(Site.name).where(Site.id == exam.site_id))
-        series_rows = session.scalars(
-            select(ExamSeries).where(ExamSeries.exam_id == exam.id).order_by(ExamSeries.id)
+        exam_id, manifest, manifest_sha256 = exam[:3]
+        series_rows = session.execute(
+            select(
+                ExamSeries.id,
+                ExamSeries.series_uid,
+                ExamSeries.modality,
+                ExamSeries.body_part,
+                ExamSeries.series_number,
+            )
+            .where(ExamSeries.exam_id == exam_id)
+            .order_by(ExamSeries.id)
         ).all()
         instances: dict[int, list[InstanceEntry]] = defaultdict(list)
-        for instance in session.scalars(
-            select(ExamInstance).where(ExamInstance.exam_id == exam.id).order_by(ExamInstance.id)
+        for series_id, sop_uid, sop_class_uid, size, sha256 in session.execute(
+            select(
+                ExamInstance.series_id,
+                ExamInstance.sop_uid,
+                ExamInstance.sop_class_uid,
+                ExamInstance.size,
+                ExamInstance.sha256,
+            )
+            .where(ExamInstance.exam_id == exam_id)
+            .order_by(ExamInstance.id)
         ):
-            instances[instance.series_id].append(
+            instances[series_id].append(
                 InstanceEntry(
-                    sop_instance_uid=instance.sop_uid,
-                    sop_class_uid=instance.sop_class_uid,
-                    size=instance.size,
-                    sha256=instance.sha256,
+                    sop_instance_uid=sop_uid, sop_class_uid=sop_class_uid, size=size, sha256=sha256
                 )
             )
-        labels = session.scalars(
-            select(ExamLabel)
-            .where(ExamLabel.exam_id == exam.id)
+        labels = session.execute(
+            select(ExamLabel.scheme, ExamLabel.name, ExamLabel.value)
+            .where(ExamLabel.exam_id == exam_id)
             .order_by(ExamLabel.scheme, ExamLabel.name)
         ).all()
         clinical = session.execute(
             select(ExamClinical.variable, ExamClinical.value)
-            .where(ExamClinical.exam_id == exam.id)
+            .where(ExamClinical.exam_id == exam_id)
             .order_by(ExamClinical.variable)
         ).all()
-    summary = _summary(
-        (
-            exam.study_uid,
-            site,
-            exam.patient_pseudonym,
-            exam.study_date,
-            exam.modality,
-            exam.body_part,
-            exam.series_count,
-            exam.instance_count,
-            exam.size,
-            exam.registered_at,
-            exam.withdrawn_at,
-        )
-    )
+    summary = _summary(exam[3:])
     return ExamDetail(
         **summary.model_dump(),
         series=[
             SeriesEntry(
-                series_instance_uid=s.series_uid,
-                modality=s.modality,
-                body_part=s.body_part,
-                series_number=s.series_number,
-                instances=instances[s.id],
+                series_instance_uid=series_uid,
+                modality=modality,
+                body_part=body_part,
+                series_number=number,
+                instances=instances[series_id],
             )
-            for s in series_rows
+            for series_id, series_uid, modality, body_part, number in series_rows
         ],
-        labels=[LabelEntry(scheme=x.scheme, name=x.name, value=x.value) for x in labels],
+        labels=[LabelEntry(scheme=s, name=n, value=v) for s, n, v in labels],
         clinical=dict(clinical),
-        deid=DeidRecord.model_validate(json.loads(exam.manifest)["deid"]),
-        manifest_sha256=exam.manifest_sha256,
+        deid=DeidRecord.model_validate(json.loads(manifest)["deid"]),
+        manifest_sha256=manifest_sha256,
     )
 
 
