@@ -36,7 +36,11 @@ processes, each an asyncio loop with a small HTTP/1.1 client on
 Several rates (``--rate 1000,100``) run one after another against the same
 server: what the issue asks for, then what this machine sustains. Requests the
 generator could not send before ``--seconds`` plus a 30-s drain are counted as
-never sent. ``--py-spy`` samples the server's threads under the first rate (and
+never sent. Each phase reports how many registry answers came from the
+coordinator's answer cache (its ``/metrics``). Then, unless ``--no-floor``,
+the first rate again on ``GET /healthz``: the same TLS, HTTP and middleware
+stack with no authentication and no database — what this machine's cores
+allow any answer at all. ``--py-spy`` samples the server's threads under the first rate (and
 the first minute of uploads) and prints where they were.
 
 In both parts the coordinator's process tree (server, its scanning processes,
@@ -48,7 +52,7 @@ Everything started is stopped and the work folder removed at the end.
     .venv/bin/python bench/load_coordinator.py [--only uploads,search]
         [--backend sqlite|postgresql|both] [--nodes 50] [--minutes 10] [--procs 10]
         [--slices 4] [--size 128] [--rate 1000,100] [--seconds 60] [--exams 20000]
-        [--instances 50] [--generators 2] [--connections 16] [--flower]
+        [--instances 50] [--generators 2] [--connections 16] [--no-floor] [--flower]
         [--py-spy PATH] [--sample-s 5] [--workdir bench/work]
 """
 
@@ -333,15 +337,34 @@ def drop_schema(coordinator: Coordinator) -> None:
         pg_admin(f"DROP SCHEMA IF EXISTS {coordinator.schema} CASCADE")
 
 
-def researcher_token(coordinator: Coordinator, name: str = "bench-researcher") -> str:
+def researcher_token(
+    coordinator: Coordinator, name: str = "bench-researcher", role: str = "researcher"
+) -> str:
     from coordinator import tokens
     from coordinator.registry.db import Database
 
     db = Database.open(coordinator.db_url)
     try:
-        return tokens.create(db, name, "researcher", actor="bench")
+        return tokens.create(db, name, role, actor="bench")
     finally:
         db.close()
+
+
+def cache_counts(coordinator: Coordinator, operator_token: str) -> tuple[float, float]:
+    """(hits, misses) of the coordinator's registry answer cache, from its ``/metrics``."""
+    answer = httpx.get(
+        f"{coordinator.url}/metrics",
+        headers={"Authorization": f"Bearer {operator_token}"},
+        verify=ssl.create_default_context(cafile=str(coordinator.ca)),
+        timeout=60,
+    )
+    answer.raise_for_status()
+    counts = {"hits": 0.0, "misses": 0.0}
+    for line in answer.text.splitlines():
+        for kind in counts:
+            if line.startswith(f"radfed_coordinator_registry_cache_{kind}_total "):
+                counts[kind] = float(line.split()[-1])
+    return counts["hits"], counts["misses"]
 
 
 # -- uploads: the client side ------------------------------------------------------------
@@ -993,6 +1016,10 @@ def upload_tables(report: UploadReport, bucket_s: float) -> list[str]:
 
 # -- search: the load generator ----------------------------------------------------------
 
+#: What the floor phase asks for: answered by the same stack (TLS, HTTP/1.1, the
+#: middlewares, FastAPI) with no authentication and no database.
+FLOOR_PATH = "/healthz"
+
 #: (name, weight, path, params) of the researcher requests; "{uid}" and "{page}" are filled in.
 MIX: list[tuple[str, int, str, dict[str, Any]]] = [
     ("everything, newest study first, page 1", 12, "/api/v1/exams", {}),
@@ -1212,6 +1239,8 @@ class Phase:
     generator_cpu: float
     server_cpu: float
     seconds: float  # from the first scheduled send until the last answer (or the drain's end)
+    what: str = "registry mix"
+    cache: tuple[float, float] = (0.0, 0.0)  # registry answers from the cache, computed anew
 
 
 @dataclass
@@ -1235,10 +1264,15 @@ def offer(
     connections: int,
     drain_s: float,
     seed: int,
+    path: str | None = None,
 ) -> Phase:
-    """``rate`` requests per second for ``seconds`` from ``generators`` processes."""
+    """``rate`` requests per second for ``seconds`` from ``generators`` processes.
+
+    The registry mix (``MIX``), or ``path`` alone every time.
+    """
     assert coordinator.process is not None
-    targets = request_targets(int(rate * seconds), exams, seed)
+    count = int(rate * seconds)
+    targets = [(-10, path)] * count if path else request_targets(count, exams, seed)
     # Generator g sends requests g, g + G, g + 2G, ...: together, one every 1/rate s.
     start = time.time() + 3.0
     offset = 1.0 / rate
@@ -1268,7 +1302,8 @@ def offer(
     results = []
     for g, (part, _) in enumerate(outputs):
         results.extend((i, at + g * offset, ms, status) for i, at, ms, status in part)
-    return Phase(rate, results, sum(cpu for _, cpu in outputs), server_cpu, took)
+    what = f"GET {path} (the HTTP floor)" if path else "registry mix"
+    return Phase(rate, results, sum(cpu for _, cpu in outputs), server_cpu, took, what)
 
 
 def py_spy(binary: str, pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
@@ -1326,6 +1361,7 @@ def run_search(
     sample_s: float = 5.0,
     drain_s: float = 30.0,
     py_spy_binary: str | None = None,
+    floor: bool = True,
 ) -> SearchReport:
     """The search part, start to end: one registry and server, each rate in turn.
 
@@ -1350,28 +1386,37 @@ def run_search(
             flush=True,
         )
         token = researcher_token(coordinator)
+        operator = researcher_token(coordinator, "bench-operator", "operator")
         start_coordinator(coordinator)
         assert coordinator.process is not None
         sampler = MemorySampler(coordinator.process.pid, sample_s).start()
         phases, profile = [], []
-        for n, rate in enumerate(rates):
-            print(f"{rate:g} requests/s for {seconds:g} s", flush=True)
+        # The registry mix at each rate; then, with ``floor``, a path that costs the
+        # server no authentication and no database at the first rate.
+        plan: list[tuple[float, str | None]] = [(rate, None) for rate in rates]
+        if floor and rates:
+            plan.append((rates[0], FLOOR_PATH))
+        for n, (rate, path) in enumerate(plan):
+            print(f"{rate:g} requests/s for {seconds:g} s {path or ''}", flush=True)
             spy = None
             if py_spy_binary and n == 0:
                 spy = py_spy(py_spy_binary, coordinator.process.pid, seconds, root / "spy.raw")
-            phases.append(
-                offer(
-                    coordinator,
-                    token,
-                    rate,
-                    seconds,
-                    exams,
-                    max(1, generators),
-                    connections,
-                    drain_s,
-                    seed=5 + n,
-                )
+            before = cache_counts(coordinator, operator)
+            phase = offer(
+                coordinator,
+                token,
+                rate,
+                seconds,
+                exams,
+                max(1, generators),
+                connections,
+                drain_s,
+                seed=5 + n,
+                path=path,
             )
+            after = cache_counts(coordinator, operator)
+            phase.cache = (after[0] - before[0], after[1] - before[1])
+            phases.append(phase)
             if spy is not None:
                 spy.wait(60)
                 if (root / "spy.raw").exists():
@@ -1416,10 +1461,11 @@ def search_tables(report: SearchReport) -> list[str]:
         f"{p['connections']} keep-alive TLS connections; Flower {'on' if p['flower'] else 'off'}; "
         "latency from each request's scheduled send time",
         "",
-        "| offered /s | due | answered 200 | answered /s in the window | answered /s in all "
-        "| p50 ms | p99 ms | max ms | other outcomes | coordinator CPU ms/answer "
+        "| requests | offered /s | due | answered 200 | answered /s in the window "
+        "| answered /s in all | p50 ms | p99 ms | max ms | other outcomes "
+        "| registry answers from the cache | coordinator CPU ms/answer "
         "| generator CPU ms/request sent |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| --- |" + " ---: |" * 8 + " --- | ---: | ---: | ---: |",
     ]
     for phase in report.phases:
         results = phase.results
@@ -1430,10 +1476,12 @@ def search_tables(report: SearchReport) -> list[str]:
         # Every request due counts, an unanswered one as infinitely late.
         late = [r[2] if r[3] == 200 else float("inf") for r in results]
         sent = sum(1 for r in results if r[3] != NOT_SENT)
+        hits, misses = phase.cache
+        cached = f"{hits / (hits + misses):.0%} of {hits + misses:.0f}" if hits + misses else "–"
         lines.append(
-            f"| {phase.rate:g} | {len(results)} | {len(answered)} | "
+            f"| {phase.what} | {phase.rate:g} | {len(results)} | {len(answered)} | "
             f"{len(in_window) / window:.0f} | {len(answered) / phase.seconds:.0f} | "
-            f"{_ms(late)} | {other or 'none'} | "
+            f"{_ms(late)} | {other or 'none'} | {cached} | "
             f"{phase.server_cpu / max(len(answered), 1) * 1000:.1f} | "
             f"{phase.generator_cpu / max(sent, 1) * 1000:.2f} |"
         )
@@ -1453,7 +1501,7 @@ def search_tables(report: SearchReport) -> list[str]:
     lines.append("")
     for phase in report.phases:
         lines.append(
-            f"{phase.rate:g}/s: coordinator tree {phase.server_cpu:.0f} s of CPU in "
+            f"{phase.what}, {phase.rate:g}/s: coordinator tree {phase.server_cpu:.0f} s of CPU in "
             f"{phase.seconds:.0f} s ({phase.server_cpu / phase.seconds:.2f} cores), load "
             f"generator {phase.generator_cpu:.0f} s ({phase.generator_cpu / phase.seconds:.2f} "
             f"cores); {os.cpu_count()} cores in all"
@@ -1502,6 +1550,9 @@ def main() -> None:
     parser.add_argument("--exams", type=int, default=20_000, help="registry size (search)")
     parser.add_argument("--instances", type=int, default=50, help="per exam (search)")
     parser.add_argument("--generators", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the HTTP floor phase (GET /healthz)"
+    )
     parser.add_argument("--connections", type=int, default=16, help="per generator")
     parser.add_argument("--flower", action="store_true", help="run the SuperLink too")
     parser.add_argument("--sample-s", type=float, default=5.0)
@@ -1544,6 +1595,7 @@ def main() -> None:
                     flower=args.flower,
                     sample_s=args.sample_s,
                     py_spy_binary=args.py_spy,
+                    floor=not args.no_floor,
                 )
                 print("", *search_tables(search), "", sep="\n", flush=True)
     finally:

@@ -74,11 +74,21 @@ def test_searches_at_a_fixed_rate_are_all_answered(load: ModuleType, tmp_path: P
         tmp_path, [50], 3, exams=300, instances=10, generators=1, connections=4, drain_s=120
     )
 
-    # Assert: each request of the mix sent and answered; nothing left running.
-    (phase,) = report.phases
-    assert len(phase.results) == 150
-    assert {status for _, _, _, status in phase.results} == {200}
-    assert all(ms >= 0 for _, _, ms, _ in phase.results)
+    # Assert: each request of the mix sent and answered, and the floor's; the cache's
+    # hits and misses read from the server (the mix repeats its questions); nothing
+    # left running.
+    mix, floor = report.phases
+    assert (mix.what, floor.what) == ("registry mix", "GET /healthz (the HTTP floor)")
+    for phase in (mix, floor):
+        assert len(phase.results) == 150
+        assert {status for _, _, _, status in phase.results} == {200}
+        assert all(ms >= 0 for _, _, ms, _ in phase.results)
+    hits, misses = mix.cache
+    assert hits + misses == 150 and hits > 0 and misses > 0
+    assert floor.cache == (0, 0)
+    assert "| GET /healthz (the HTTP floor) | 50 | 150 | 150 |" in "\n".join(
+        load.search_tables(report)
+    )
     assert report.leftovers == []
     assert report.samples and report.flat["peak"] > 0
     assert list(tmp_path.glob("load-search-*")) == []
