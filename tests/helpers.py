@@ -10,16 +10,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ahocorasick
 import pydicom
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from node.deid.vault import Vault
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Debian's Chromium, driven by Playwright in the browser tests (never a downloaded one).
@@ -139,6 +144,49 @@ def iod_errors(path: Path) -> set[str]:
         line = re.sub(r"0x[0-9a-fA-F]+", "0x", line)
         errors.add(re.sub(r"[0-9][0-9.]*", "N", line).strip())
     return errors
+
+
+class CountingAESGCM:
+    """The cryptography library's AES-GCM, counting decryptions.
+
+    Put in place of a vault's cipher, it shows how many records a read decrypted
+    (the library's class cannot be subclassed, so this wraps one).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self.decrypted = 0
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        return self._aead.encrypt(nonce, data, associated_data)
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        self.decrypted += 1
+        return self._aead.decrypt(nonce, data, associated_data)
+
+
+def newest_vault_records(vault: Vault) -> dict[str, int]:
+    """New SOP Instance UID -> the newest vault record holding its entry, read one by one."""
+    from node.deid.vault import VaultError  # here: the coordinator's tests use these helpers too
+
+    newest: dict[str, int] = {}
+    number = 0
+    while True:
+        try:
+            entries = list(vault.records([number]))
+        except VaultError as exc:
+            if "does not exist" in str(exc):
+                return newest
+            raise
+        for entry in entries:
+            newest[entry["sop_instance_uid"][1]] = number
+        number += 1
+
+
+def indexed_vault_records(index_path: Path) -> dict[str, int | None]:
+    """SOP Instance UID -> the vault record the node index names for it."""
+    with sqlite3.connect(index_path) as db:
+        return dict(db.execute("SELECT sop_uid, vault_record FROM instances").fetchall())
 
 
 def free_port() -> int:

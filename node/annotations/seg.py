@@ -57,7 +57,7 @@ from node.deid.values import dummy
 from node.errors import NodeError
 from node.index import audit
 from node.index.models import ImportRun, Instance, Patient, Series, Study
-from node.index.store import NodeIndex
+from node.index.store import VIA_ANNOTATION, NodeIndex
 from node.settings import NodeSettings
 from protocols.version import SOFTWARE_VERSION
 
@@ -162,7 +162,7 @@ def import_segmentations(
             outcomes.append(outcome)
     report.unparseable.sort(key=lambda p: (p.row, p.column))
     if outcomes:
-        index.record(outcomes, via="annotation", actor=actor)
+        index.record(outcomes, via=VIA_ANNOTATION, actor=actor)
     report.applied = bool(outcomes)
     report.studies = len(
         {series_of[o.source_series].study_uid for o in report.objects if o.status != "conflict"}

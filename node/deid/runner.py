@@ -94,6 +94,8 @@ class FileOutcome:
     bytes_in: int = 0
     bytes_out: int = 0
     instance: InstanceInfo | None = None
+    #: The vault record that holds ``record`` once it is appended (:func:`append_records`).
+    vault_record: int | None = None
 
 
 @dataclass(frozen=True)
@@ -542,7 +544,7 @@ def run(
 
         def flush() -> None:
             nonlocal last_flush
-            vault.append([o.record for o in pending if o.record is not None])
+            append_records(vault, pending)
             if on_batch is not None:
                 # The index may settle an outcome here (a conflict with a copy a
                 # reviewer masked is "unchanged"), so the summary and the report
@@ -583,6 +585,18 @@ def run(
             _clean_tmp(dst)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def append_records(vault: Vault, outcomes: list[FileOutcome]) -> None:
+    """Append the outcomes' re-identification records to the vault, as one record.
+
+    Each outcome with a record notes the vault record's number, which the node
+    index keeps so that reading an instance's originals decrypts that record alone.
+    """
+    number = vault.append([o.record for o in outcomes if o.record is not None])
+    for outcome in outcomes:
+        if outcome.record is not None:
+            outcome.vault_record = number
 
 
 def _executor(

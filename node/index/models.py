@@ -129,6 +129,11 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(300))
     received_via: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: The newest originals-vault record holding this instance's entry, so reading its
+    #: originals decrypts that record alone. None for rows indexed before the index
+    #: kept it (migration 0005: a full read of the vault finds them) and for objects
+    #: the node made itself (segmentations: they have no entry).
+    vault_record: Mapped[int | None] = mapped_column(Integer)
 
 
 class StatusChange(Base):

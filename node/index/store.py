@@ -70,6 +70,9 @@ SORTS = {
     "status_at": Study.status_at,
 }
 ROLES = ("operator", "reviewer")
+#: How instances the node makes itself are recorded (segmentations of imported labels):
+#: made from de-identified data, they have no entry in the originals vault.
+VIA_ANNOTATION = "annotation"
 
 
 # Intake's statements, written once: building them per instance costs more than running them.
@@ -88,9 +91,11 @@ _UPDATE_SERIES = "UPDATE series SET instance_count = instance_count + 1, uniform
 _INSERT_INSTANCE = (
     "INSERT INTO instances (sop_uid, series_id, study_id, sop_class_uid, instance_number, size, "
     "sha256, risk_reasons, path, received_via, received_at, rows, columns, pixel_spacing, "
-    "slice_thickness, number_of_frames, transfer_syntax, photometric, burned_in_risk) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "slice_thickness, number_of_frames, transfer_syntax, photometric, burned_in_risk, "
+    "vault_record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSTANCE_BY_UID = "SELECT sha256, vault_record FROM instances WHERE sop_uid = ?"
+_SET_VAULT_RECORD = "UPDATE instances SET vault_record = ? WHERE sop_uid = ?"
 _UPDATE_STUDY = (
     "UPDATE studies SET instance_count = instance_count + 1, series_count = series_count + ?, "
     "size = size + ?, burned_in_risk = burned_in_risk OR ?, modalities = ?, updated_at = ? "
@@ -203,15 +208,18 @@ class NodeIndex:
     ) -> None:
         # The hot path of intake (a C-STORE waits on it): plain statements, no ORM
         # loading, except where a status changes.
-        existing = (
-            session.connection()
-            .exec_driver_sql(
-                "SELECT sha256 FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
-            )
-            .scalar()
-        )
+        sql = session.connection().exec_driver_sql
+        existing = sql(_INSTANCE_BY_UID, (info.sop_instance_uid,)).first()
         if existing is not None:
-            if existing == info.sha256:
+            sha256, held = existing
+            newer = outcome.vault_record
+            if newer is not None and (held is None or held < newer):
+                # The same instance again (a rerun, a resent C-STORE, a conflicting
+                # file): its entry went to a newer record too. Readers take an
+                # instance's newest entry, as a read of the whole vault does, and the
+                # appenders may record out of order: the newest record wins.
+                sql(_SET_VAULT_RECORD, (newer, info.sop_instance_uid))
+            if sha256 == info.sha256:
                 done.unchanged += 1
                 return
             # The store refuses to overwrite, so this only happens when the index and
@@ -230,7 +238,6 @@ class NodeIndex:
             return
         attrs = info.attributes
         now = utcnow()
-        sql = session.connection().exec_driver_sql
         patient_id = self._patient_id(session, info.pseudonym)
         row = sql(_STUDY_BY_UID, (info.study_instance_uid,)).first()
         if row is None:
@@ -310,6 +317,7 @@ class NodeIndex:
                 via,
                 stamp,
                 *image,
+                outcome.vault_record,
             ),
         )
         modality = _text(attrs, "modality")

@@ -39,7 +39,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.deid.dicomio import DicomFormatError
 from node.deid.engine import DeidError
-from node.deid.runner import PARSE_ERRORS, EngineConfig, FileOutcome, IntakePool, fsync_dir
+from node.deid.runner import (
+    PARSE_ERRORS,
+    EngineConfig,
+    FileOutcome,
+    IntakePool,
+    append_records,
+    fsync_dir,
+)
 from node.index.store import NodeIndex
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -269,7 +276,7 @@ class DicomListener:
                 kept = quarantine / path.name
                 shutil.move(str(path), kept)
                 outcome.source = str(kept)
-        self.index.vault.append([o.record for o in outcomes if o.record is not None])
+        append_records(self.index.vault, outcomes)
         done = self.index.record(outcomes, via="dicom", actor="intake:dicom")
         for path in batch:
             path.unlink(missing_ok=True)  # committed: the spool copy is no longer needed

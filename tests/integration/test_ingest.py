@@ -14,8 +14,10 @@ import pydicom
 import pytest
 
 from node.deid import keys
+from node.settings import load_settings
+from node.site import open_vault
 from radfed.synth.site import write_site_corpus
-from tests.helpers import RADFED, ROOT, run_cli
+from tests.helpers import RADFED, ROOT, indexed_vault_records, newest_vault_records, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -210,6 +212,29 @@ def test_originals_are_kept_only_when_the_site_asks(tmp_path: Path) -> None:
     assert {p.read_bytes() for p in originals} == sources
     stored = {str(p.relative_to(keeping / "store")) for p in (keeping / "store").rglob("*.dcm")}
     assert {str(p.relative_to(keeping / "originals")) for p in originals} == stored
+
+
+def test_each_indexed_instance_names_the_vault_record_holding_its_entry(tmp_path: Path) -> None:
+    # Prepare: a node that took a folder in (two workers: outcomes come from the pool)
+    corpus = tmp_path / "export"
+    write_site_corpus(corpus, patients=2, ct_slices=2, ct_size=32, cr_size=32)
+    home = tmp_path / "home"
+    ingest = ("node", "ingest", str(corpus), "--home", str(home), "-q", "--jobs", "2", "--no-vet")
+    run_cli(*ingest, check=True)
+    settings = load_settings(home)
+    first = indexed_vault_records(settings.index_path)
+
+    # Execute: the same folder again (its entries go to newer records)
+    run_cli(*ingest, check=True)
+
+    # Assert: every row names the newest record that holds its entry
+    again = indexed_vault_records(settings.index_path)
+    assert first and None not in first.values()
+    assert first.keys() == again.keys()
+    assert again == newest_vault_records(open_vault(settings))
+    assert min(n for n in again.values() if n is not None) > max(
+        n for n in first.values() if n is not None
+    )
 
 
 def test_same_uid_with_different_content_is_a_conflict(tmp_path: Path) -> None:

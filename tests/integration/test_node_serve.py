@@ -22,9 +22,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from node.settings import load_settings
+from node.site import open_vault
 from protocols.version import PROTOCOL_VERSION
 from radfed.synth.site import Uids, ct_series, make_patient, text_report
-from tests.helpers import NodeProcess, run_cli
+from tests.helpers import NodeProcess, indexed_vault_records, newest_vault_records, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +136,11 @@ def test_a_pushed_study_is_found_through_the_api(node: NodeProcess, token: str) 
     assert not stored & original_uids
     metrics = httpx.get(f"{node.url}/metrics", timeout=10).text
     assert 'radfed_node_instances_received_total{result="recorded",via="dicom"} 8.0' in metrics
+    # Each row names the vault record the drain appended its entry to.
+    settings = load_settings(node.home)
+    records = indexed_vault_records(settings.index_path)
+    assert set(records) == stored and None not in records.values()
+    assert records == newest_vault_records(open_vault(settings))
 
 
 def test_what_is_stored_is_de_identified(node: NodeProcess, token: str) -> None:

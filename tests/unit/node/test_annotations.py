@@ -24,9 +24,11 @@ from node.annotations.importer import import_clinical, import_labels
 from node.annotations.report import ImportReport
 from node.annotations.seg import import_segmentations
 from node.annotations.values import parse
+from node.deid import keys
 from node.errors import NodeError
 from node.index import audit
 from node.index.models import AuditEntry, ClinicalValue, ImportRun, Instance, Label, Study
+from node.index.originals import original_identifiers
 from node.index.store import NodeIndex, StudyQuery
 from node.intake.ingest import ingest
 from node.settings import NodeSettings, load_settings
@@ -35,6 +37,7 @@ from protocols.deid.options import DeidOptions
 from protocols.phi.scanner import scan
 from radfed.synth.labels import LabelCorpus, SourceInstance, read_back, write_label_corpus
 from radfed.synth.site import write_site_corpus
+from tests.helpers import CountingAESGCM
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 
@@ -617,6 +620,37 @@ def test_a_seg_is_recorded_in_the_index(site: Site) -> None:
         assert instance.number_of_frames == obj.frames == 3
         assert instance.received_via == "annotation"
         assert "SEG" in detail.modalities
+
+
+def test_a_segs_study_is_read_from_its_images_vault_records_alone(site: Site) -> None:
+    # Prepare: SEGs recorded (the node made them: no vault entry), then other records
+    report = import_segmentations(site.index, site.settings, site.files.manifest_csv, "operator")
+    seg_uid = report.objects[0].sop_instance_uid
+    with site.index.db.read() as session:
+        study_id = session.scalar(select(Instance.study_id).where(Instance.sop_uid == seg_uid))
+        wanted = set(session.scalars(select(Instance.sop_uid).where(Instance.study_id == study_id)))
+        records = set(
+            session.scalars(select(Instance.vault_record).where(Instance.sop_uid.in_(wanted)))
+        )
+    last = None
+    for n in range(5):
+        last = site.index.vault.append([{"sop_instance_uid": [f"1.2.3.{n}", f"2.25.77{n}"]}])
+    counter = CountingAESGCM(keys.vault_key(site.settings.keys_dir))
+    site.index.vault._aead = counter
+
+    # Execute
+    found = original_identifiers(site.index, wanted, actor="vetting", purpose="PHI scan")
+
+    # Assert: the SEG's row names no record and asks for no full read
+    assert None in records and seg_uid in wanted
+    assert counter.decrypted == len(records - {None})
+    assert last is not None and counter.decrypted < last + 1  # not the whole vault
+    assert set(found) == wanted - {seg_uid}
+    assert found == {
+        e["sop_instance_uid"][1]: e
+        for e in site.index.vault.entries()
+        if e["sop_instance_uid"][1] in wanted
+    }
 
 
 @pytest.mark.skipif(not DCIODVFY.exists(), reason="dicom3tools is not installed")

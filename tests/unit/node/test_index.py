@@ -1,4 +1,4 @@
-"""The node index: recording, idempotency, lifecycle, search, audit chain, tokens."""
+"""The node index: recording, idempotency, lifecycle, search, audit chain, tokens, originals."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
+from node.deid import keys
+from node.deid.vault import Vault
 from node.errors import NodeError
 from node.index import audit
 from node.index.lifecycle import TRANSITIONS, LifecycleError
-from node.index.models import AuditEntry, Study
+from node.index.models import AuditEntry, Instance, Study
+from node.index.originals import original_identifiers
 from node.index.store import NodeIndex, StudyQuery
 from node.intake.ingest import ingest
 from node.settings import NodeSettings, load_settings
 from node.site import engine_config, open_index
 from protocols.api.node import StudyStatus
 from radfed.synth.site import write_site_corpus
+from tests.helpers import CountingAESGCM, indexed_vault_records, newest_vault_records
 
 
 @pytest.fixture
@@ -349,3 +353,121 @@ def test_attach_uses_an_index_open_migrated_and_refuses_a_missing_one(tmp_path: 
     assert version
     assert missing.value.code == "index_missing"
     assert not (tmp_path / "elsewhere.sqlite").exists()  # nothing created on the way
+
+
+# -- reading originals decrypts only the vault records that hold them -----------------------
+
+
+def filler(vault: Vault, until: int) -> None:
+    """Append records of other instances' entries until record ``until`` is written."""
+    number = -1
+    while number < until:
+        number = vault.append(
+            [{"sop_instance_uid": [f"1.2.3.{until}.{i}", f"2.25.9{until}{i}"]} for i in range(3)]
+        )
+        assert number is not None
+
+
+def full_read(vault: Vault, wanted: set[str]) -> dict[str, dict[str, object]]:
+    """What reading the whole vault finds: each wanted instance's newest entry."""
+    found = {}
+    for entry in vault.entries():
+        if entry["sop_instance_uid"][1] in wanted:
+            found[entry["sop_instance_uid"][1]] = entry
+    return found
+
+
+def sop_uids(index: NodeIndex) -> list[str]:
+    with index.db.read() as session:
+        return list(session.scalars(select(Instance.sop_uid).order_by(Instance.id)))
+
+
+def counting(index: NodeIndex, settings: NodeSettings) -> CountingAESGCM:
+    """Count the index's vault decryptions from now on."""
+    counter = CountingAESGCM(keys.vault_key(settings.keys_dir))
+    index.vault._aead = counter
+    return counter
+
+
+def test_each_instance_names_the_newest_vault_record_holding_its_entry(
+    index: NodeIndex, settings: NodeSettings, corpus: Path
+) -> None:
+    # Prepare: what the first ingest recorded
+    first = indexed_vault_records(settings.index_path)
+    assert first == newest_vault_records(index.vault)
+
+    # Execute: the same folder again appends the same entries to newer records
+    take_in(settings, index, corpus)
+
+    # Assert: the unchanged rows follow their entries to the newer records
+    again = indexed_vault_records(settings.index_path)
+    assert again == newest_vault_records(index.vault)
+    assert again.keys() == first.keys()
+    assert min(n for n in again.values() if n is not None) > max(
+        n for n in first.values() if n is not None
+    )
+
+
+def test_reading_originals_decrypts_only_the_records_holding_them(
+    settings: NodeSettings, tmp_path: Path
+) -> None:
+    # Prepare: 50 records; one study's entries early, another's late, others between
+    index = open_index(settings)
+    write_site_corpus(tmp_path / "early", patients=1, ct_slices=2, ct_size=32, cr_size=32, seed=1)
+    write_site_corpus(tmp_path / "late", patients=1, ct_slices=2, ct_size=32, cr_size=32, seed=2)
+    take_in(settings, index, tmp_path / "early")
+    early = sop_uids(index)
+    filler(index.vault, 24)
+    take_in(settings, index, tmp_path / "late")
+    late = [uid for uid in sop_uids(index) if uid not in early]
+    filler(index.vault, 49)
+    wanted = {early[0], late[-1]}
+    rows = indexed_vault_records(settings.index_path)
+    assert len({rows[uid] for uid in wanted}) == 2
+    counter = counting(index, settings)
+
+    # Execute
+    found = original_identifiers(index, wanted, actor="vetting", purpose="PHI scan")
+    decrypted = counter.decrypted
+
+    # Assert: two records decrypted of fifty, and what a full read finds
+    assert decrypted == 2
+    counter.decrypted = 0
+    assert found == full_read(index.vault, wanted)
+    assert counter.decrypted == 50
+    assert set(found) == wanted
+
+
+def test_rows_indexed_before_the_vault_record_was_kept_are_found_by_a_full_read(
+    index: NodeIndex, settings: NodeSettings
+) -> None:
+    # Prepare: a row as migration 0005 leaves the rows indexed before it, and a UID the
+    # index does not hold (a file of `radfed node deid`, whose entry is in the vault)
+    filler(index.vault, 9)
+    wanted = set(sop_uids(index))
+    fast = original_identifiers(index, wanted, actor="vetting", purpose="PHI scan")
+    with index.db.write() as session:
+        session.execute(
+            text("UPDATE instances SET vault_record = NULL WHERE sop_uid = :uid"),
+            {"uid": min(wanted)},
+        )
+    outside = "2.25.990"  # a filler entry's new UID: in the vault, not in the index
+    counter = counting(index, settings)
+
+    # Execute
+    legacy = original_identifiers(index, wanted, actor="vetting", purpose="PHI scan")
+    legacy_reads = counter.decrypted
+    counter.decrypted = 0
+    unknown = original_identifiers(index, {outside}, actor="cli", purpose="radfed node scan")
+    unknown_reads = counter.decrypted
+
+    # Assert: the same answers as before, from the whole vault
+    assert legacy == fast == full_read(index.vault, wanted)
+    assert set(legacy) == wanted
+    assert legacy_reads == unknown_reads == 10
+    assert list(unknown) == [outside]
+    with index.db.read() as session:
+        reads = session.scalars(
+            select(AuditEntry.actor).where(AuditEntry.action == "originals.read")
+        ).all()
+    assert reads == ["vetting", "vetting", "cli"]
