@@ -316,3 +316,33 @@ def test_an_object_torn_by_a_crash_is_asked_for_again(
     assert state[sha] is False and sum(state.values()) == len(ct_files) - 1
     assert counts(db)["exams"] == 1 and isinstance(receipt, Receipt)
     assert intake.store.open(sha).read() == data
+
+
+def test_an_uploads_file_locks_go_when_it_closes(
+    db: Database, settings: CoordinatorSettings, ct_files: list[Path]
+) -> None:
+    # Prepare: an open upload with its files put (one lock per file while open).
+    # They were kept until the hourly sweep: ~400 bytes a file, 30 MB in a
+    # 20-minute load run (bench/load_coordinator.py, tracemalloc).
+    intake, node, upload_id = opened(db, settings, ct_files)
+    held_while_open = len(intake._locks.get(upload_id, {}))
+
+    # Execute
+    intake.complete(node, upload_id)
+
+    # Assert
+    assert held_while_open == len(ct_files)
+    assert upload_id not in intake._locks
+    assert upload_id not in intake._open_uploads
+
+
+def test_a_sweep_drops_locks_left_by_requests_on_uploads_not_open(
+    db: Database, settings: CoordinatorSettings, ct_files: list[Path]
+) -> None:
+    intake, node, upload_id = opened(db, settings, ct_files)
+    with pytest.raises(CoordinatorError):
+        intake.put_chunk(node, "no-such-upload", "0" * 64, 0, b"x")
+
+    intake.sweep()
+
+    assert set(intake._locks) == {upload_id}  # the open upload keeps its own
