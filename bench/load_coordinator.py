@@ -46,14 +46,19 @@ the first minute of uploads) and prints where they were.
 In both parts the coordinator's process tree (server, its scanning processes,
 the SuperLink when ``--flower``) is sampled from ``/proc`` every
 ``--sample-s``: peak RSS, and flatness as the slope of a linear fit after the
-first minute (MiB/min) and the last minute's mean against the second's.
+first minute (MiB/min) and the last minute's mean against the second's, for the
+tree and the server process alone. During uploads each sample also reads the
+server's C heap from its ``/metrics`` (bytes in use and free but kept, arenas,
+trims): whether growth is live data or memory the allocator keeps.
+``--set NAME=VALUE`` runs the coordinator with a setting changed (for example
+``--set malloc_arena_max=0 --set malloc_trim_s=0``: glibc's defaults).
 Everything started is stopped and the work folder removed at the end.
 
     .venv/bin/python bench/load_coordinator.py [--only uploads,search]
         [--backend sqlite|postgresql|both] [--nodes 50] [--minutes 10] [--procs 10]
         [--slices 4] [--size 128] [--rate 1000,100] [--seconds 60] [--exams 20000]
         [--instances 50] [--generators 2] [--connections 16] [--no-floor] [--flower]
-        [--py-spy PATH] [--sample-s 5] [--workdir bench/work]
+        [--py-spy PATH] [--sample-s 5] [--set NAME=VALUE ...] [--workdir bench/work]
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ import threading
 import time
 import traceback
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +145,21 @@ class Sample:
     tree: int  # bytes, every process of the tree
     server: int  # bytes, the server process alone
     processes: int
+    #: The server's C heap from its /metrics (bytes in_use / free / mapped, arenas, trims);
+    #: empty when not read (no operator token, or the request failed under load).
+    heap: dict[str, float] = field(default_factory=dict)
 
 
 class MemorySampler:
-    """Samples the RSS of a process tree every ``every`` seconds in a thread."""
+    """Samples the RSS of a process tree every ``every`` seconds in a thread.
 
-    def __init__(self, pid: int, every: float) -> None:
-        self.pid, self.every = pid, every
+    ``heap``, when given, reads the server's C heap figures with each sample.
+    """
+
+    def __init__(
+        self, pid: int, every: float, heap: Callable[[], dict[str, float]] | None = None
+    ) -> None:
+        self.pid, self.every, self.heap = pid, every, heap
         self.samples: list[Sample] = []
         #: Every process of the tree ever seen: pid -> (name, start time), for leftovers.
         self.seen: dict[int, tuple[str, int]] = {}
@@ -164,12 +178,17 @@ class MemorySampler:
         if not tree:
             return
         self.seen.update({pid: (name, started) for pid, (name, _, started) in tree.items()})
+        heap: dict[str, float] = {}
+        if self.heap is not None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                heap = self.heap()
         self.samples.append(
             Sample(
                 time.monotonic() - self._t0,
                 sum(rss for _, rss, _ in tree.values()),
                 tree.get(self.pid, ("", 0, 0))[1],
                 len(tree),
+                heap,
             )
         )
 
@@ -184,51 +203,88 @@ class MemorySampler:
         self.sample()
 
 
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Slope of the least-squares line through (xs, ys); 0 with fewer than three points."""
+    if len(xs) < 3 or max(xs) == min(xs):
+        return 0.0
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
 def flatness(samples: list[Sample]) -> dict[str, float]:
     """Peak, slope of a linear fit after warm-up (MiB/min), late window mean - early window mean.
 
     Warm-up is the first minute (the first fifth of a shorter run); the windows are a
     minute each (a third of what is left after warm-up in a shorter run): for a
-    10-minute run, the second minute against the last.
+    10-minute run, the second minute against the last. The same for the server process
+    alone (``server_…``) and, where the samples read it, its C heap in use and free
+    (``heap_…``: early and late window means, MiB).
     """
+    names = ("peak", "peak_server", "slope", "early", "late", "growth", "server_slope")
     if not samples:
-        return dict.fromkeys(("peak", "peak_server", "slope", "early", "late", "growth"), 0.0)
+        return dict.fromkeys(names, 0.0)
     end = samples[-1].t
     warm = min(60.0, end * 0.2)
     window = min(60.0, max(end - warm, 0.0) / 3)
     steady = [s for s in samples if s.t >= warm] or samples
     xs = [s.t / 60 for s in steady]
     ys = [s.tree / MIB for s in steady]
-    slope = 0.0
-    if len(steady) > 2 and max(xs) > min(xs):
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-            (x - mx) ** 2 for x in xs
-        )
     early = [s.tree / MIB for s in steady if s.t <= warm + window] or ys[:1]
     late = [s.tree / MIB for s in steady if s.t >= end - window] or ys[-1:]
-    return {
+    out = {
         "peak": max(s.tree for s in samples) / MIB,
         "peak_server": max(s.server for s in samples) / MIB,
-        "slope": slope,
+        "slope": _slope(xs, ys),
         "early": statistics.fmean(early),
         "late": statistics.fmean(late),
         "growth": statistics.fmean(late) - statistics.fmean(early),
+        "server_slope": _slope(xs, [s.server / MIB for s in steady]),
     }
+    for state in ("in_use", "free"):
+        key = f"bytes_{state}"
+        first = [s.heap[key] / MIB for s in steady if key in s.heap and s.t <= warm + window]
+        last = [s.heap[key] / MIB for s in steady if key in s.heap and s.t >= end - window]
+        if first and last:
+            out[f"heap_{state}_early"] = statistics.fmean(first)
+            out[f"heap_{state}_late"] = statistics.fmean(last)
+    arenas = [s.heap["arenas"] for s in samples if "arenas" in s.heap]
+    if arenas:
+        out["heap_arenas"] = max(arenas)
+    trims = [s.heap for s in samples if "trims" in s.heap]
+    if trims:
+        out["heap_trims"] = trims[-1]["trims"]
+        out["heap_trim_seconds"] = trims[-1]["trim_seconds"]
+    return out
 
 
 def memory_lines(samples: list[Sample], flat: dict[str, float], every: float) -> list[str]:
     """The flatness figures and every sample, compactly."""
     values = " ".join(f"{s.tree / MIB:.0f}" for s in samples)
     processes = sorted({s.processes for s in samples})
-    return [
+    lines = [
         f"coordinator tree RSS: peak **{flat['peak']:.0f} MiB** (server process alone "
         f"{flat['peak_server']:.0f} MiB), {processes[0]}–{processes[-1]} processes; "
-        f"slope after warm-up **{flat['slope']:+.2f} MiB/min**; "
+        f"slope after warm-up **{flat['slope']:+.2f} MiB/min** (the server alone "
+        f"{flat['server_slope']:+.2f}); "
         f"late vs early window {flat['late']:.0f} vs {flat['early']:.0f} MiB "
         f"(**{flat['growth']:+.0f} MiB**)",
-        f"samples every {every:g} s (MiB): {values}",
     ]
+    if "heap_in_use_early" in flat:
+        trims = (
+            f"; trimmed {flat['heap_trims']:.0f} times in {flat['heap_trim_seconds'] * 1000:.0f} ms"
+            if "heap_trims" in flat
+            else "; not trimmed"
+        )
+        lines.append(
+            f"server C heap (its /metrics), early → late window: in use "
+            f"{flat['heap_in_use_early']:.1f} → {flat['heap_in_use_late']:.1f} MiB, free but "
+            f"kept {flat['heap_free_early']:.1f} → {flat['heap_free_late']:.1f} MiB; "
+            f"at most {flat.get('heap_arenas', 0):.0f} arenas{trims}"
+        )
+    lines.append(f"samples every {every:g} s (MiB): {values}")
+    return lines
 
 
 # -- the coordinator ---------------------------------------------------------------------
@@ -265,6 +321,10 @@ class Coordinator:
                     os.environ[k] = v
 
 
+#: ``--set NAME=VALUE`` coordinator settings, as RADFED_COORDINATOR_NAME variables.
+EXTRA_ENV: dict[str, str] = {}
+
+
 def init_coordinator(root: Path, backend: str, flower: bool) -> Coordinator:
     """A fresh federation in ``root/coordinator`` (its registry on ``backend``)."""
     home = root / "coordinator"
@@ -272,6 +332,7 @@ def init_coordinator(root: Path, backend: str, flower: bool) -> Coordinator:
     env = {
         "RADFED_COORDINATOR_FLOWER_ENABLED": "1" if flower else "0",
         "RADFED_COORDINATOR_SUPERLINK_PORT": str(free_port()),
+        **EXTRA_ENV,
     }
     schema = None
     if backend == "postgresql":
@@ -335,6 +396,36 @@ def stop_coordinator(coordinator: Coordinator, seen: dict[int, tuple[str, int]])
 def drop_schema(coordinator: Coordinator) -> None:
     if coordinator.schema:
         pg_admin(f"DROP SCHEMA IF EXISTS {coordinator.schema} CASCADE")
+
+
+def heap_probe(coordinator: Coordinator, operator_token: str) -> Callable[[], dict[str, float]]:
+    """A reader of the server's C heap figures from its ``/metrics`` (an operator token)."""
+    context = ssl.create_default_context(cafile=str(coordinator.ca))
+    names = {
+        'radfed_coordinator_heap_bytes{state="in_use"}': "bytes_in_use",
+        'radfed_coordinator_heap_bytes{state="free"}': "bytes_free",
+        'radfed_coordinator_heap_bytes{state="mapped"}': "bytes_mapped",
+        "radfed_coordinator_heap_arenas": "arenas",
+        "radfed_coordinator_heap_trims_total": "trims",
+        "radfed_coordinator_heap_trim_seconds_total": "trim_seconds",
+    }
+
+    def read() -> dict[str, float]:
+        answer = httpx.get(
+            f"{coordinator.url}/metrics",
+            headers={"Authorization": f"Bearer {operator_token}"},
+            verify=context,
+            timeout=10,
+        )
+        answer.raise_for_status()
+        out = {}
+        for line in answer.text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name in names:
+                out[names[name]] = float(value)
+        return out
+
+    return read
 
 
 def researcher_token(
@@ -814,13 +905,16 @@ def run_uploads(
         assert coordinator.process is not None
         enroll_sites(coordinator, homes)
         token = researcher_token(coordinator)
+        operator = researcher_token(coordinator, "bench-operator", "operator")
         procs = max(1, min(procs, nodes))
         groups = [[str(h) for h in homes[i::procs]] for i in range(procs)]
         print(
             f"{nodes} sites enrolled; uploading for {seconds:.0f} s from {procs} client processes",
             flush=True,
         )
-        sampler = MemorySampler(coordinator.process.pid, sample_s)
+        sampler = MemorySampler(
+            coordinator.process.pid, sample_s, heap_probe(coordinator, operator)
+        )
         line = StartLine(root / "start")
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
             pending = pool.starmap_async(
@@ -1531,6 +1625,7 @@ def header() -> str:
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores ({model}), "
         f"Python {sys.version.split()[0]}; load average before the run "
         f"{os.getloadavg()[0]:.1f}; clients, load generators and the coordinator share the cores"
+        + "".join(f"; {name}={value}" for name, value in sorted(EXTRA_ENV.items()))
     )
 
 
@@ -1559,8 +1654,20 @@ def main() -> None:
     parser.add_argument(
         "--py-spy", help="py-spy binary: profile the server (first minute, first rate)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a coordinator setting for the run (e.g. malloc_arena_max=0); repeatable",
+    )
     parser.add_argument("--workdir", type=Path, default=BENCH / "work")
     args = parser.parse_args()
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f'Argument "--set" takes NAME=VALUE, not {item!r}.')
+        EXTRA_ENV[f"RADFED_COORDINATOR_{name.upper()}"] = value
     parts = {p.strip() for p in args.only.split(",")}
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     args.workdir.mkdir(parents=True, exist_ok=True)

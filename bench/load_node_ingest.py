@@ -49,17 +49,19 @@ corpus kept (bump ``CORPUS_VERSION`` when the generator's mix changes).
 
     .venv/bin/python bench/load_node_ingest.py [--instances 100000] [--seed 0]
         [--window 10000] [--repeat 200] [--jobs 0] [--cstore 5000] [--associations 4]
-        [--only ingest,cstore] [--workdir bench/work] [--keep-home]
+        [--only ingest,cstore] [--dicom-log DIR] [--workdir bench/work] [--keep-home]
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import contextlib
 import csv
 import datetime as dt
 import hashlib
+import logging
 import math
 import multiprocessing
 import os
@@ -552,13 +554,29 @@ SEND_TRIES = 3
 DRAIN_TIMEOUT = 600
 
 
+class _Ring(logging.Handler):
+    """The last ``size`` pynetdicom log records of one sender, formatted with ms times."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: collections.deque[str] = collections.deque(maxlen=size)
+        self.setFormatter(
+            logging.Formatter("%(asctime)s.%(msecs)03d %(threadName)s %(message)s", "%H:%M:%S")
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(self.format(record))
+
+
 def _send_part(
-    task: tuple[int, list[str], float],
+    task: tuple[int, list[str], float, str],
 ) -> tuple[float, float, list[float], list[int], list[str]]:
     """One association sending its share of the files; runs in a sender process.
 
     Returns when it began and ended (epoch), each C-STORE's latency, each instance's
-    final status (-1: none after every try), and what went wrong along the way.
+    final status (-1: none after every try), and what went wrong along the way. With a
+    ``dicom_log`` folder, the sender keeps pynetdicom's last debug records and writes
+    them there when a C-STORE gets no response.
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -566,7 +584,14 @@ def _send_part(
 
     from radfed.synth.site import BASIC_TEXT_SR, CR_IMAGE, CT_IMAGE, DX_IMAGE, US_IMAGE
 
-    port, paths, start = task
+    port, paths, start, dicom_log = task
+    ring = None
+    if dicom_log:
+        ring = _Ring(400)
+        logger = logging.getLogger("pynetdicom")
+        logger.handlers[:] = [ring]
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
     ae = AE(ae_title="LOADTEST")
     ae.maximum_pdu_size = 0
     for sop_class in (CT_IMAGE, CR_IMAGE, DX_IMAGE, US_IMAGE, BASIC_TEXT_SR):
@@ -602,6 +627,10 @@ def _send_part(
                     f"{time.time() - first:.1f} s: no response after {latencies[-1]:.1f} s "
                     f"({ds.Modality}, {ds.file_meta.TransferSyntaxUID.name}, {path})"
                 )
+                if ring is not None:
+                    dump = Path(dicom_log) / f"sender-{os.getpid()}-{len(events)}.log"
+                    dump.write_text("\n".join(ring.records) + "\n")
+                    events[-1] += f"; pynetdicom's last records in {dump}"
             statuses.append(status)
     finally:
         if assoc is not None and assoc.is_established:
@@ -626,7 +655,13 @@ def handling_histogram(metrics: str) -> dict[str, int]:
     return out
 
 
-def run_cstore(export: Path, made: Sequence[Made], home: Path, associations: int = 4) -> CStoreRun:
+def run_cstore(
+    export: Path,
+    made: Sequence[Made],
+    home: Path,
+    associations: int = 4,
+    dicom_log: Path | None = None,
+) -> CStoreRun:
     """Send ``made`` to ``radfed node serve`` over ``associations`` parallel associations."""
     api, dicom = free_port(), free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -646,7 +681,8 @@ def run_cstore(export: Path, made: Sequence[Made], home: Path, associations: int
         begin = time.time() + 3.0
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(associations, mp_context=spawn) as pool:
-            results = list(pool.map(_send_part, [(dicom, part, begin) for part in parts]))
+            tasks = [(dicom, part, begin, str(dicom_log or "")) for part in parts]
+            results = list(pool.map(_send_part, tasks))
         started_at = min(r[0] for r in results)
         sent = max(r[1] for r in results) - started_at
         deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -1181,7 +1217,9 @@ def cstore_section(made: Corpus, scratch: Path, args: argparse.Namespace) -> tup
     subset = made.made[: args.cstore]
     home = scratch / "serve-home"
     print(f"== C-STORE of {len(subset):,} over {args.associations} associations", flush=True)
-    run = run_cstore(made.export, subset, home, args.associations)
+    if args.dicom_log:
+        args.dicom_log.mkdir(parents=True, exist_ok=True)
+    run = run_cstore(made.export, subset, home, args.associations, args.dicom_log)
     print(f"sent in {run.seconds:.1f} s; accounting", flush=True)
     acct = account(home, subset)
     if not args.keep_home:
@@ -1252,6 +1290,13 @@ def main() -> None:
         "--cstore", type=int, default=5000, help="instances of the corpus sent over DICOM too"
     )
     parser.add_argument("--associations", type=int, default=4)
+    parser.add_argument(
+        "--dicom-log",
+        type=Path,
+        default=None,
+        help="folder for each sender's last pynetdicom debug records when a C-STORE goes "
+        "unanswered (off by default: the debug records cost the senders CPU)",
+    )
     parser.add_argument("--only", default="ingest,cstore", help="ingest, cstore or both")
     parser.add_argument("--workdir", type=Path, default=BENCH / "work")
     parser.add_argument("--keep-home", action="store_true", help="keep the node homes afterwards")

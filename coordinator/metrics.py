@@ -24,6 +24,7 @@ from coordinator.registry.cache import ResponseCache
 from coordinator.registry.db import Database
 from coordinator.registry.models import Exam, ExamInstance, TrainingRun, Upload
 from coordinator.settings import CoordinatorSettings
+from protocols import heap
 from protocols.sqltypes import utcnow
 
 
@@ -51,6 +52,8 @@ class CoordinatorMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.registry.register(_RegistryCollector(db, settings, superlink_restarts))
+        self.heap = _HeapCollector()
+        self.registry.register(self.heap)
 
     def watch(self, cache: ResponseCache) -> None:
         """Export the registry answer cache's hits, misses and size."""
@@ -115,6 +118,44 @@ class _CacheCollector(Collector):
             "radfed_coordinator_registry_cache_bytes",
             "Bytes of encoded registry answers held now (bounded by registry_cache_mib).",
             value=size,
+        )
+
+
+class _HeapCollector(Collector):
+    """The process's C heap (glibc only): what ``malloc_arena_max`` and trimming bound."""
+
+    def __init__(self) -> None:
+        self.trimmer: heap.Trimmer | None = None  # set by ``serve`` when it trims
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if self.trimmer is not None:
+            yield CounterMetricFamily(
+                "radfed_coordinator_heap_trims",
+                "Times the free pages of the C heap were given back (malloc_trim_s).",
+                value=self.trimmer.trims,
+            )
+            yield CounterMetricFamily(
+                "radfed_coordinator_heap_trim_seconds",
+                "Seconds spent giving them back, all together.",
+                value=self.trimmer.seconds,
+            )
+        now = heap.figures()
+        if now is None:
+            return
+        in_bytes = GaugeMetricFamily(
+            "radfed_coordinator_heap_bytes",
+            "C heap (malloc) bytes by state: in use, free but kept in the arenas, and "
+            "large allocations mapped on their own.",
+            labels=["state"],
+        )
+        in_bytes.add_metric(["in_use"], now.in_use)
+        in_bytes.add_metric(["free"], now.free)
+        in_bytes.add_metric(["mapped"], now.mapped)
+        yield in_bytes
+        yield GaugeMetricFamily(
+            "radfed_coordinator_heap_arenas",
+            "malloc arenas in this process (at most malloc_arena_max when it is set).",
+            value=now.arenas,
         )
 
 

@@ -34,6 +34,7 @@ from coordinator.registry.db import Database
 from coordinator.settings import CoordinatorSettings
 from coordinator.tls import PeerCertProtocol
 from coordinator.training import RunWatcher
+from protocols import heap
 from protocols.api.slowheaders import with_header_deadline
 from protocols.logs import configure_logging
 from protocols.process import Supervised
@@ -92,6 +93,8 @@ def serve(settings: CoordinatorSettings) -> None:
     stop = threading.Event()
     configure_logging("alembic", "boto3", "botocore")
     log = logging.getLogger("radfed.coordinator")
+    # Before any thread is started: the request threads then share these arenas.
+    heap.limit_arenas(settings.malloc_arena_max)
     paths = pki.Paths(settings.pki_dir)
     pki.load_ca(paths)  # not initialised: stop here with the reason
     db = Database.open(settings.db_url)
@@ -101,6 +104,8 @@ def serve(settings: CoordinatorSettings) -> None:
         target=_sweep, args=(app.state.intake, stop), name="upload-sweeper", daemon=True
     )
     sweeper.start()
+    trimmer = heap.Trimmer(settings.malloc_trim_s).start() if settings.malloc_trim_s else None
+    app.state.metrics.heap.trimmer = trimmer
     link: Supervised | None = None
     trainer: threading.Thread | None = None
     if settings.flower_enabled:
@@ -172,6 +177,8 @@ def serve(settings: CoordinatorSettings) -> None:
         if trainer is not None:
             trainer.join(30)
         sweeper.join(10)
+        if trimmer is not None:
+            trimmer.stop()
         app.state.intake.close()
         db.close()
         log.info("coordinator stopped%s", f" by signal {stopped_by[0]}" if stopped_by else "")

@@ -95,6 +95,12 @@ class CoordinatorSettings(AuthSettings, BaseSettings):
     #: Registry search, exam and statistics answers kept in memory (MiB; 0: none),
     #: valid until the next registry write (``coordinator.registry.cache``).
     registry_cache_mib: float = Field(default=64, ge=0)
+    #: The C heap (glibc; ``protocols.heap``): malloc arenas the request threads share
+    #: (0: the C library's default, eight per core), and how often the free pages inside
+    #: them are given back to the system (seconds; 0: never). Without both the
+    #: resident memory rose with uploads while live allocations stayed flat.
+    malloc_arena_max: int = Field(default=2, ge=0)
+    malloc_trim_s: float = Field(default=60, ge=0)
     #: Federated training: ``serve`` supervises a Flower SuperLink (TLS with the
     #: federation's server certificate, SuperNode authentication on). Loopback by
     #: default: only its ``/v1/fleet/`` paths are for nodes, so expose those alone.

@@ -13,7 +13,9 @@ import datetime as dt
 import json
 import ssl
 import stat
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,8 @@ def federation(
         # from 127.0.0.1 like every other caller here: more than the default 10 failures
         # that lock a client out (tests/integration/test_security_auth.py tests that).
         env["RADFED_COORDINATOR_AUTH_MAX_FAILURES"] = "1000"
+        # The heap trimmer every 0.2 s, not every minute: its test sees it work.
+        env["RADFED_COORDINATOR_MALLOC_TRIM_S"] = "0.2"
         init = run_cli("coordinator", "init", "--home", str(home), env=env)
         assert init.returncode == 0, init.stderr
         operator = run_cli(
@@ -425,6 +429,44 @@ def test_metrics_report_the_federation_and_the_requests_answered(federation: Fed
     }
     assert requests.get("/api/v1/sites", 0) >= 1 and requests.get("/api/v1/exams", 0) >= 1
     assert not any("1.2.3" in str(labels) for _, labels in samples)  # templates, not paths
+
+
+def test_the_c_heap_keeps_to_its_arena_limit_under_parallel_requests(
+    federation: Federation,
+) -> None:
+    # Prepare: 40 requests at a time — glibc would give each new request thread an
+    # arena of its own (up to eight per core) without the limit (malloc_arena_max, 2).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tls = federation.coordinator.tls()
+    researcher = {"Authorization": f"Bearer {federation.researcher}"}
+    operator = {"Authorization": f"Bearer {federation.operator}"}
+    url = federation.coordinator.url
+
+    def search(n: int) -> int:
+        with httpx.Client(verify=tls, timeout=60) as client:
+            return client.get(
+                f"{url}/api/v1/exams", params={"limit": 1 + n % 7}, headers=researcher
+            ).status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        statuses = list(pool.map(search, range(200)))
+    time.sleep(0.5)  # the trimmer's interval here is 0.2 s
+
+    # Execute
+    answer = httpx.get(f"{url}/metrics", headers=operator, verify=tls)
+
+    # Assert
+    assert statuses == [200] * 200 and answer.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+    assert 1 <= samples[("radfed_coordinator_heap_arenas", ())] <= 2
+    assert samples[("radfed_coordinator_heap_bytes", (("state", "in_use"),))] > 1 << 20
+    assert ("radfed_coordinator_heap_bytes", (("state", "free"),)) in samples
+    assert samples[("radfed_coordinator_heap_trims_total", ())] >= 1
 
 
 def test_the_matrix_covers_every_endpoint(federation: Federation) -> None:

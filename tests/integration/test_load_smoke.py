@@ -52,6 +52,11 @@ def test_uploads_under_load_lose_nothing_and_a_loss_is_named(
         assert check["uploads"] == {"registered": check["registered"]}
         assert check["audit_ok"] and report.leftovers == []
         assert report.samples and report.flat["peak"] > 0
+        # The server's C heap read from its /metrics with the samples: live bytes, and
+        # no more arenas than the coordinator's malloc_arena_max (2).
+        assert report.flat["heap_in_use_early"] > 1 and report.flat["heap_in_use_late"] > 1
+        assert 1 <= report.flat["heap_arenas"] <= 2
+        assert "server C heap (its /metrics)" in "\n".join(load.upload_tables(report, 4.0))
 
         # Execute: a receipt whose exam is not there, and an object gone from the store.
         coordinator = report.coordinator
