@@ -10,8 +10,10 @@ No timing is asserted.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sqlite3
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -99,3 +101,80 @@ def test_instances_sent_over_c_store_are_all_accounted_for(
     unanswered = [e for e in run.events if "no response" in e]
     assert len(list(dicom_log.glob("sender-*.log"))) == len(unanswered)
     assert sum(run.handled.values()) >= 60
+
+
+#: pynetdicom's send_c_store race, forced: the sender's association thread leaves its
+#: pause 20 ms late (still reading as paused), and the thread waiting for the response
+#: wakes 100 ms late, as under load. The response arrives in between; the association
+#: thread takes it and the request waits out its (3 s) DIMSE timeout.
+_RACE = """
+import json, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import pynetdicom, pynetdicom.association as association, pynetdicom.dimse as dimse
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+import load_node_ingest as load
+
+class LateResume(threading.Event):
+    def wait(self, timeout=None):
+        got = super().wait(timeout)
+        if threading.current_thread().name.startswith("RequestorThread"):
+            time.sleep(0.02)
+        return got
+
+made_association = association.Association.__init__
+def with_late_resume(self, *args, **kwargs):
+    made_association(self, *args, **kwargs)
+    self._reactor_checkpoint = LateResume()
+    self._reactor_checkpoint.set()
+association.Association.__init__ = with_late_resume
+
+get_msg = dimse.DIMSEServiceProvider.get_msg
+def late_wake(self, block=False):
+    if block:
+        time.sleep(0.1)
+    return get_msg(self, block)
+dimse.DIMSEServiceProvider.get_msg = late_wake
+
+class QuickAE(AE):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dimse_timeout = 3
+pynetdicom.AE = QuickAE
+
+scp = AE(ae_title="RADFED")
+scp.supported_contexts = AllStoragePresentationContexts
+server = scp.start_server(("127.0.0.1", 0), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+made = load.corpus(Path(sys.argv[2]), 3, seed=3, ct_slices=(5, 6))
+paths = [str(made.export / m.relpath) for m in made.made[:3]]
+try:
+    *_, statuses, events = load._send_part((server.server_address[1], paths, time.time(), ""))
+finally:
+    server.shutdown()
+print(json.dumps({"statuses": statuses, "events": events}))
+"""
+
+
+def test_a_response_taken_by_the_senders_own_pynetdicom_thread_is_told_apart(
+    tmp_path: Path,
+) -> None:
+    # Execute: the bench's sender against a pynetdicom SCP that answers every C-STORE,
+    # with the race forced (above).
+    done = subprocess.run(
+        [sys.executable, "-c", _RACE, str(ROOT / "bench"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    # Assert: requests after the first on an association go unanswered although the SCP
+    # answered; each is named as taken by the sender's thread, and its resend on a new
+    # association succeeds.
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["statuses"] == [0, 0, 0]
+    unanswered = [e for e in result["events"] if "no response" in e]
+    assert unanswered
+    assert all("sender's own pynetdicom thread took it" in e for e in unanswered)
