@@ -398,32 +398,40 @@ def drop_schema(coordinator: Coordinator) -> None:
         pg_admin(f"DROP SCHEMA IF EXISTS {coordinator.schema} CASCADE")
 
 
+def read_metrics(coordinator: Coordinator, operator_token: str, timeout: float) -> dict[str, float]:
+    """The server's ``/metrics`` (an operator token): each sample line's name → value."""
+    answer = httpx.get(
+        f"{coordinator.url}/metrics",
+        headers={"Authorization": f"Bearer {operator_token}"},
+        verify=ssl.create_default_context(cafile=str(coordinator.ca)),
+        timeout=timeout,
+    )
+    answer.raise_for_status()
+    values = {}
+    for line in answer.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+#: The server's C heap figures in ``/metrics``, by the names the samples keep.
+HEAP_METRICS = {
+    'radfed_coordinator_heap_bytes{state="in_use"}': "bytes_in_use",
+    'radfed_coordinator_heap_bytes{state="free"}': "bytes_free",
+    'radfed_coordinator_heap_bytes{state="mapped"}': "bytes_mapped",
+    "radfed_coordinator_heap_arenas": "arenas",
+    "radfed_coordinator_heap_trims_total": "trims",
+    "radfed_coordinator_heap_trim_seconds_total": "trim_seconds",
+}
+
+
 def heap_probe(coordinator: Coordinator, operator_token: str) -> Callable[[], dict[str, float]]:
-    """A reader of the server's C heap figures from its ``/metrics`` (an operator token)."""
-    context = ssl.create_default_context(cafile=str(coordinator.ca))
-    names = {
-        'radfed_coordinator_heap_bytes{state="in_use"}': "bytes_in_use",
-        'radfed_coordinator_heap_bytes{state="free"}': "bytes_free",
-        'radfed_coordinator_heap_bytes{state="mapped"}': "bytes_mapped",
-        "radfed_coordinator_heap_arenas": "arenas",
-        "radfed_coordinator_heap_trims_total": "trims",
-        "radfed_coordinator_heap_trim_seconds_total": "trim_seconds",
-    }
+    """A reader of the server's C heap figures from its ``/metrics``."""
 
     def read() -> dict[str, float]:
-        answer = httpx.get(
-            f"{coordinator.url}/metrics",
-            headers={"Authorization": f"Bearer {operator_token}"},
-            verify=context,
-            timeout=10,
-        )
-        answer.raise_for_status()
-        out = {}
-        for line in answer.text.splitlines():
-            name, _, value = line.rpartition(" ")
-            if name in names:
-                out[names[name]] = float(value)
-        return out
+        values = read_metrics(coordinator, operator_token, timeout=10)
+        return {short: values[name] for name, short in HEAP_METRICS.items() if name in values}
 
     return read
 
@@ -443,19 +451,11 @@ def researcher_token(
 
 def cache_counts(coordinator: Coordinator, operator_token: str) -> tuple[float, float]:
     """(hits, misses) of the coordinator's registry answer cache, from its ``/metrics``."""
-    answer = httpx.get(
-        f"{coordinator.url}/metrics",
-        headers={"Authorization": f"Bearer {operator_token}"},
-        verify=ssl.create_default_context(cafile=str(coordinator.ca)),
-        timeout=60,
+    values = read_metrics(coordinator, operator_token, timeout=60)
+    return (
+        values.get("radfed_coordinator_registry_cache_hits_total", 0.0),
+        values.get("radfed_coordinator_registry_cache_misses_total", 0.0),
     )
-    answer.raise_for_status()
-    counts = {"hits": 0.0, "misses": 0.0}
-    for line in answer.text.splitlines():
-        for kind in counts:
-            if line.startswith(f"radfed_coordinator_registry_cache_{kind}_total "):
-                counts[kind] = float(line.split()[-1])
-    return counts["hits"], counts["misses"]
 
 
 # -- uploads: the client side ------------------------------------------------------------

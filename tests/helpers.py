@@ -7,6 +7,7 @@ searches the raw bytes of each file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -185,7 +186,7 @@ def newest_vault_records(vault: Vault) -> dict[str, int]:
 
 def indexed_vault_records(index_path: Path) -> dict[str, int | None]:
     """SOP Instance UID -> the vault record the node index names for it."""
-    with sqlite3.connect(index_path) as db:
+    with contextlib.closing(sqlite3.connect(index_path)) as db:
         return dict(db.execute("SELECT sop_uid, vault_record FROM instances").fetchall())
 
 
